@@ -1,0 +1,314 @@
+"""Run configuration: documented dataclasses, argv parsing and validation in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGE_NAMES = {1: "ti", 2: "attn", 3: "unet"}  # flag prefixes, as in the authors' launch script
+STAGE_TITLES = {1: "embedding", 2: "cross-attention", 3: "unet"}
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message names the flag."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of the recipe (SPEC.md table)."""
+
+    index: int  # 1 embedding, 2 cross-attention, 3 whole U-Net
+    learning_rate: float
+    train_steps: int  # optimiser steps
+    batch_size: int  # per process; the regularisation sums over it, so it scales the reg term
+    reg_mean_weight: float
+    reg_var_weight: float
+    validation_steps: int  # 0: never mid-stage
+    gradient_accumulation_steps: int = 1
+    checkpointing_steps: int = 0  # 0: only the stage result at the end
+
+    @property
+    def name(self) -> str:
+        return STAGE_NAMES[self.index]
+
+
+# The paper's recipe (SPEC.md); the fast version only changes stage 3.
+PAPER_STAGES = {
+    1: dict(learning_rate=1e-3, train_steps=60, batch_size=8, reg_mean_weight=0.1,
+            reg_var_weight=0.0, validation_steps=30),
+    2: dict(learning_rate=2e-5, train_steps=100, batch_size=8, reg_mean_weight=2.0,
+            reg_var_weight=5.0, validation_steps=50),
+    3: dict(learning_rate=2e-6, train_steps=500, batch_size=8, reg_mean_weight=2.0,
+            reg_var_weight=5.0, validation_steps=100),
+}  # fmt: skip
+FAST_STAGE_3 = dict(learning_rate=1e-5, train_steps=200, batch_size=4)
+
+
+@dataclass
+class RunConfig:
+    """Everything one launch needs; written to run_config.json."""
+
+    pretrained_model_name_or_path: str
+    instance_data_dir: str
+    category: str
+    output_dir: str
+    revision: str | None = None
+    placeholder_token: str = "new_concept"  # tokens new_concept_v0 .. _v{n-1}
+    n_object_embedding: int = 1
+    instance_prompt: str = "a photo of a {} {category}"  # {} -> placeholder tokens
+    validation_prompt: str | None = None  # same convention as instance_prompt
+    num_validation_images: int = 4
+    validation_inference_steps: int = 25
+    stages: list[StageConfig] = field(default_factory=list)
+    run_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
+    fast: bool = False
+    seed: int = 0
+    resolution: int = 512
+    center_crop: bool = False  # the original crops at random
+    repeats: int = 100  # each instance image appears this often per epoch
+    skip_bad_images: bool = False
+    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; master weights stay fp32)
+    allow_tf32: bool = False
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    fused_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = None  # the original's clip was a no-op; None keeps that
+    noise_offset: float = 0.0
+    enable_xformers_memory_efficient_attention: bool = False
+    channels_last: bool = False
+    torch_compile: bool = False
+    cache_latents: bool = False  # changes augmentation statistics: opt-in
+    cache_latents_variants: int = 16  # augmented copies per image in the pool
+    dataloader_num_workers: int = 0
+    report_to: str = "none"  # none | tensorboard | wandb
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
+    local_files_only: bool = False
+
+    @property
+    def placeholder_tokens(self) -> list[str]:
+        return [f"{self.placeholder_token}_v{i}" for i in range(self.n_object_embedding)]
+
+    def stage(self, index: int) -> StageConfig:
+        return next(s for s in self.stages if s.index == index)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["placeholder_tokens"] = self.placeholder_tokens
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        d["stages"] = [StageConfig(**s) for s in d.get("stages", [])]
+        return cls(**d)
+
+    def plan(self) -> dict:
+        """The resolved plan that --dry_run prints."""
+        stages = []
+        for s in self.stages:
+            d = dataclasses.asdict(s)
+            d["name"] = s.name
+            d["run"] = s.index in self.run_stages
+            stages.append(d)
+        rest = {k: v for k, v in self.to_dict().items() if k != "stages"}
+        return {"stages": stages, **rest}
+
+
+def _stage_flags(p: argparse.ArgumentParser) -> None:
+    per_stage = [
+        # (our suffix, authors' suffix, type, help)
+        ("learning_rate", None, float, "learning rate"),
+        ("train_steps", None, int, "optimiser steps"),
+        ("batch_size", "bs", int, "batch size per process"),
+        ("gradient_accumulation_steps", "ga", int, "gradient accumulation steps"),
+        ("reg_mean_weight", "attn_mean", float, "weight of the attention-mean regulariser"),
+        ("reg_var_weight", "attn_var", float, "weight of the attention-variance regulariser"),
+        ("validation_steps", None, int, "validate every N steps (0: never)"),
+        ("checkpointing_steps", "save_step", int, "resumable checkpoint every N steps"),
+    ]
+    for idx, prefix in STAGE_NAMES.items():
+        g = p.add_argument_group(f"stage {idx} ({STAGE_TITLES[idx]})")
+        for suffix, alias, typ, help_ in per_stage:
+            names = [f"--{prefix}_{suffix}"] + ([f"--{prefix}_{alias}"] if alias else [])
+            g.add_argument(*names, dest=f"{prefix}_{suffix}", type=typ, default=None, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="AttnDreamBooth: embedding -> cross-attention -> U-Net, in one process."
+    )
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--instance_data_dir", required=True)
+    p.add_argument("--category", "--initialize_token", dest="category", required=True,
+                   help="super-category word, e.g. 'sloth'")  # fmt: skip
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--placeholder_token", "--object_token", dest="placeholder_token",
+                   default="new_concept")  # fmt: skip
+    p.add_argument("--n_object_embedding", type=int, default=1)
+    p.add_argument("--instance_prompt", default=None,
+                   help="training prompt; {} becomes the placeholder tokens "
+                   "(default: 'a photo of a {} <category>')")  # fmt: skip
+    p.add_argument("--validation_prompt", default=None, help="same convention as --instance_prompt")
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--validation_inference_steps", type=int, default=25)
+    p.add_argument("--stages", default="1,2,3", help="subset to run, e.g. '2,3'")
+    p.add_argument("--fast", action="store_true", help="the paper's fast stage 3 (1e-5, 200, 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--skip_bad_images", action="store_true")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--fused_adam", action="store_true", help="fused AdamW kernel (CUDA)")
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--max_grad_norm", type=float, default=None,
+                   help="clip gradients (the original effectively did not)")  # fmt: skip
+    p.add_argument("--noise_offset", type=float, default=0.0)
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--torch_compile", action="store_true")
+    p.add_argument("--cache_latents", action="store_true",
+                   help="train on a pool of pre-encoded augmented latents")  # fmt: skip
+    p.add_argument("--cache_latents_variants", type=int, default=16)
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+    p.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="default for every stage's --<stage>_checkpointing_steps")  # fmt: skip
+    p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint dir or 'latest'")
+    p.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
+    p.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit")
+    _stage_flags(p)
+    return p
+
+
+def _parse_stages(text: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--stages: expected e.g. '1,2,3' or '2,3', got {text!r}") from None
+    if not out or any(i not in STAGE_NAMES for i in out):
+        raise ConfigError(f"--stages: stages are 1, 2 and 3, got {text!r}")
+    return out
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """Resolve defaults (paper, --fast, global flags, per-stage flags) and validate."""
+    stages = []
+    for idx, prefix in STAGE_NAMES.items():
+        vals = dict(PAPER_STAGES[idx])
+        if ns.fast and idx == 3:
+            vals.update(FAST_STAGE_3)
+        vals["checkpointing_steps"] = ns.checkpointing_steps or 0
+        for key in ("learning_rate", "train_steps", "batch_size", "gradient_accumulation_steps",
+                    "reg_mean_weight", "reg_var_weight", "validation_steps",
+                    "checkpointing_steps"):  # fmt: skip
+            v = getattr(ns, f"{prefix}_{key}")
+            if v is not None:
+                vals[key] = v
+        stages.append(StageConfig(index=idx, **vals))
+    prompt = ns.instance_prompt or "a photo of a {} " + ns.category.strip()
+    cfg = RunConfig(
+        pretrained_model_name_or_path=ns.pretrained_model_name_or_path,
+        revision=ns.revision,
+        instance_data_dir=ns.instance_data_dir,
+        category=ns.category.strip(),
+        output_dir=ns.output_dir,
+        placeholder_token=ns.placeholder_token,
+        n_object_embedding=ns.n_object_embedding,
+        instance_prompt=prompt,
+        validation_prompt=ns.validation_prompt,
+        num_validation_images=ns.num_validation_images,
+        validation_inference_steps=ns.validation_inference_steps,
+        stages=stages,
+        run_stages=_parse_stages(ns.stages),
+        fast=ns.fast,
+        seed=ns.seed,
+        resolution=ns.resolution,
+        center_crop=ns.center_crop,
+        repeats=ns.repeats,
+        skip_bad_images=ns.skip_bad_images,
+        mixed_precision=ns.mixed_precision,
+        allow_tf32=ns.allow_tf32,
+        gradient_checkpointing=ns.gradient_checkpointing,
+        use_8bit_adam=ns.use_8bit_adam,
+        fused_adam=ns.fused_adam,
+        adam_weight_decay=ns.adam_weight_decay,
+        max_grad_norm=ns.max_grad_norm,
+        noise_offset=ns.noise_offset,
+        enable_xformers_memory_efficient_attention=ns.enable_xformers_memory_efficient_attention,
+        channels_last=ns.channels_last,
+        torch_compile=ns.torch_compile,
+        cache_latents=ns.cache_latents,
+        cache_latents_variants=ns.cache_latents_variants,
+        dataloader_num_workers=ns.dataloader_num_workers,
+        report_to=ns.report_to,
+        checkpoints_total_limit=ns.checkpoints_total_limit,
+        resume_from_checkpoint=ns.resume_from_checkpoint,
+        local_files_only=ns.local_files_only,
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no model: one ConfigError naming the flag."""
+    if not cfg.category:
+        raise ConfigError("--category: must be a non-empty word, e.g. 'sloth'")
+    if not cfg.placeholder_token.strip() or any(c.isspace() for c in cfg.placeholder_token):
+        raise ConfigError("--placeholder_token: must be one word without spaces")
+    if cfg.n_object_embedding < 1:
+        raise ConfigError("--n_object_embedding: must be >= 1")
+    if cfg.instance_prompt.count("{}") != 1:
+        raise ConfigError("--instance_prompt: must contain '{}' exactly once (the placeholder)")
+    if cfg.validation_prompt is not None and "{}" not in cfg.validation_prompt:
+        raise ConfigError("--validation_prompt: must contain '{}' (the placeholder)")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise ConfigError("--resolution: must be a positive multiple of 8")
+    if cfg.repeats < 1:
+        raise ConfigError("--repeats: must be >= 1")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError("--checkpoints_total_limit: must be >= 1")
+    if cfg.use_8bit_adam and cfg.fused_adam:
+        raise ConfigError("--use_8bit_adam and --fused_adam: choose one optimiser")
+    if cfg.cache_latents and cfg.cache_latents_variants < 1:
+        raise ConfigError("--cache_latents_variants: must be >= 1")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError("--max_grad_norm: must be > 0")
+    for s in cfg.stages:
+        p = s.name
+        for key in ("train_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(s, key) < 1:
+                raise ConfigError(f"--{p}_{key}: must be >= 1")
+        for key in ("validation_steps", "checkpointing_steps"):
+            if getattr(s, key) < 0:
+                raise ConfigError(f"--{p}_{key}: must be >= 0")
+        if s.learning_rate <= 0:
+            raise ConfigError(f"--{p}_learning_rate: must be > 0")
+        if s.reg_mean_weight < 0 or s.reg_var_weight < 0:
+            raise ConfigError(f"--{p}_reg_mean_weight / --{p}_reg_var_weight: must be >= 0")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    ns = build_parser().parse_args(argv)
+    return config_from_args(ns), ns
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """Read run_config.json from a training output folder."""
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (is this a training output folder?)")
+    return RunConfig.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,192 @@
+"""Instance images: checked loading, the original's augmentation, resumable sampling."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation, convert to RGB; raise ValueError if unusable."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: truncated files fail here, not mid-training
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode ({e})") from None
+
+
+def load_instance_images(
+    folder: str | Path, resolution: int, skip_bad: bool = False
+) -> tuple[list[Image.Image], list[Path]]:
+    """Load every image of a concept folder; one line per bad file, or skip them if asked."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"--instance_data_dir: {root} is not a folder")
+    files = sorted(
+        p for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES
+    )  # fmt: skip
+    images, used, bad = [], [], []
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            bad.append(f"{p}: not an image file (suffix {p.suffix or 'none'})")
+            continue
+        try:
+            img = load_image(p)
+        except ValueError as e:
+            bad.append(f"{p}: {e}")
+            continue
+        if min(img.size) < resolution:
+            log.warning("%s: %dx%d is smaller than --resolution %d; it will be upscaled",
+                        p, img.size[0], img.size[1], resolution)  # fmt: skip
+        images.append(img)
+        used.append(p)
+    if bad and not skip_bad:
+        raise ConfigError(
+            "--instance_data_dir: unusable files (pass --skip_bad_images to drop them):\n"
+            + "\n".join(bad)
+        )
+    for line in bad:
+        log.warning("skipping %s", line)
+    if not images:
+        raise ConfigError(f"--instance_data_dir: no usable images in {root}")
+    return images, used
+
+
+def data_fingerprint(paths: list[Path]) -> str:
+    """Hash of the instance files' names and bytes."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _seed(*parts: int | str) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def augment(img: Image.Image, resolution: int, center_crop: bool, rng: random.Random):
+    """The original's augmentation; returns a (3, R, R) tensor in [-1, 1]."""
+    if rng.random() < 0.75:  # RandomRotation(45, expand=True), nearest, black fill
+        img = img.rotate(rng.uniform(-45.0, 45.0), resample=Image.NEAREST, expand=True)
+    w, h = img.size  # Resize(R): the shorter side to R, bilinear
+    if w <= h:
+        size = (resolution, max(resolution, int(resolution * h / w)))
+    else:
+        size = (max(resolution, int(resolution * w / h)), resolution)
+    img = img.resize(size, resample=Image.BILINEAR)
+    if rng.random() < 0.25:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    w, h = img.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float().div(127.5).sub(1.0)  # (3, R, R)
+
+
+class InstanceDataset(Dataset):
+    """Item g is the g-th sample of the stage: epoch order and augmentation derive from g.
+
+    Nothing depends on iteration history, so a resumed stage sees exactly the same samples.
+    """
+
+    def __init__(self, images, resolution: int, center_crop: bool, repeats: int, seed: int,
+                 stage: int):  # fmt: skip
+        self.images = images
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.epoch_len = len(images) * repeats
+        self.seed = seed
+        self.stage = stage
+
+    def __len__(self) -> int:
+        return self.epoch_len
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a few epochs' permutations per dataset
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(_seed(self.seed, self.stage, "epoch", epoch)).permutation(
+            self.epoch_len
+        )
+
+    def __getitem__(self, g: int) -> torch.Tensor:
+        item = int(self._order(g // self.epoch_len)[g % self.epoch_len])
+        rng = random.Random(_seed(self.seed, self.stage, "aug", g))
+        return augment(self.images[item % len(self.images)], self.resolution, self.center_crop, rng)
+
+
+class StepBatches(Sampler):
+    """Batches of global sample numbers for micro-steps start..stop-1 of one process."""
+
+    def __init__(self, batch_size: int, start: int, stop: int, rank: int, world: int):
+        self.batch_size, self.start, self.stop = batch_size, start, stop
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        b = self.batch_size
+        for m in range(self.start, self.stop):
+            first = (m * self.world + self.rank) * b
+            yield list(range(first, first + b))
+
+
+def step_seed(seed: int, stage: int, micro_step: int, rank: int) -> int:
+    """Seed for the noise, timesteps and VAE sample of one micro-step of one process."""
+    return _seed(seed, stage, "noise", micro_step, rank)
+
+
+def image_grid(images: list[Image.Image]) -> Image.Image:
+    """Tile images into a near-square grid."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,62 @@
+"""Build inference pipelines from resident modules, and render validation grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import image_grid
+from .tokens import fill_prompt
+
+
+def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, scheduler: str = "dpm"):
+    """A StableDiffusionPipeline around modules already in memory (nothing reloaded)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+    )
+
+    cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler,
+           "euler": EulerDiscreteScheduler}[scheduler]  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=cls.from_config(scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def render_validation(trainer, out: Path) -> Path:
+    """Sample the validation prompt with the resident modules; write a PNG grid atomically."""
+    cfg = trainer.cfg
+    unet = trainer.unet
+    was_training = unet.training
+    unet.eval()
+    vae_dtype = trainer.vae.dtype
+    if vae_dtype != torch.float32:
+        trainer.vae.to(torch.float32)  # decode in fp32: half-precision VAE decodes can overflow
+    try:
+        pipe = make_pipeline(trainer.tokenizer, trainer.text_encoder, trainer.vae, unet,
+                             trainer.noise_scheduler.config)  # fmt: skip
+        gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
+        prompt = fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)
+        with trainer._autocast():
+            images = pipe(
+                [prompt] * cfg.num_validation_images, generator=gen,
+                num_inference_steps=cfg.validation_inference_steps,
+                height=cfg.resolution, width=cfg.resolution,
+            ).images  # fmt: skip
+    finally:
+        if vae_dtype != torch.float32:
+            trainer.vae.to(vae_dtype)
+        unet.train(was_training)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    image_grid(images).save(tmp, format="PNG")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,103 @@
+"""What each stage trains, and the result it hands to the next."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import (
+    EMBEDS_FILE,
+    STAGE_INFO,
+    load_embeddings,
+    save_embeddings,
+    stage_dir,
+    write_dir_atomically,
+)
+from .config import STAGE_TITLES, ConfigError
+from .tokens import (
+    PlaceholderEmbedding,
+    install_placeholder_embedding,
+    remove_placeholder_embedding,
+    set_embeddings,
+)
+
+
+@dataclass
+class StageParams:
+    """The trainable tensors of one stage, by stable name, and the module DDP should wrap."""
+
+    named: dict[str, torch.nn.Parameter]
+    embedding: PlaceholderEmbedding | None  # stage 1 only
+
+
+def select_trainable(stage: int, unet, text_encoder, token_ids: list[int]) -> StageParams:
+    """Freeze everything, then unfreeze exactly this stage's parameters (SPEC.md)."""
+    for p in list(unet.parameters()) + list(text_encoder.parameters()):
+        p.requires_grad_(False)
+    if stage == 1:
+        emb = install_placeholder_embedding(text_encoder, token_ids)
+        emb.learned.requires_grad_(True)
+        return StageParams({"learned_embeds": emb.learned}, emb)
+    named = {
+        n: p for n, p in unet.named_parameters() if stage == 3 or "attn2" in n
+    }  # stage 2: to_q, to_k, to_v, to_out.0 of every cross-attention layer
+    for p in named.values():
+        p.requires_grad_(True)
+    return StageParams(named, None)
+
+
+def finish_trainable(stage: int, params: StageParams, text_encoder) -> None:
+    """Leave the models in their plain form, the stage's result folded in, all frozen."""
+    if params.embedding is not None:
+        remove_placeholder_embedding(text_encoder, params.embedding)
+    for p in params.named.values():
+        p.requires_grad_(False)
+
+
+def save_stage_result(run_dir: Path, stage: int, tokens: list[str], unet, text_encoder,
+                      token_ids: list[int], info: dict) -> Path:  # fmt: skip
+    """Write stage_<k>/ atomically: the embedding file or the U-Net, then stage_info.json."""
+
+    def write(tmp: Path) -> None:
+        if stage == 1:
+            rows = text_encoder.get_input_embeddings().weight.detach()[token_ids]
+            save_embeddings(tmp / EMBEDS_FILE, tokens, rows)
+        else:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / STAGE_INFO).write_text(json.dumps({"stage": stage, **info}, indent=2))
+
+    return write_dir_atomically(stage_dir(run_dir, stage), write)
+
+
+def load_stage_result(run_dir: Path, stage: int, tokens: list[str], unet, text_encoder,
+                      token_ids: list[int]) -> None:  # fmt: skip
+    """Fold a completed stage's result into the resident models."""
+    d = stage_dir(run_dir, stage)
+    if stage == 1:
+        data = load_embeddings(d / EMBEDS_FILE)
+        missing = [t for t in tokens if t not in data]
+        if missing:
+            raise ConfigError(f"{d / EMBEDS_FILE}: has no entry for {missing[0]!r}")
+        set_embeddings(text_encoder, token_ids, torch.stack([data[t] for t in tokens]))
+        return
+    weights = d / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{weights}: not found; stage {stage} result is incomplete")
+    state = load_file(str(weights))
+    own = unet.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ConfigError(f"{weights}: does not match the base model's U-Net")
+    unet.load_state_dict(state)
+
+
+def missing_stage_message(run_dir: Path, needed: int, requested: list[int]) -> str:
+    stages = ",".join(map(str, requested))
+    return (
+        f"--stages {stages}: needs the {STAGE_TITLES[needed]} stage's result in "
+        f"{stage_dir(run_dir, needed)}, which is missing; run stage {needed} first "
+        f"(e.g. --stages {needed},{stages})"
+    )

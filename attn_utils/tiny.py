@@ -1,0 +1,283 @@
+"""Tiny random-weight Stable Diffusion pipeline and a procedural concept, for offline tests.
+
+The model mirrors the *structure* of SD2.1-base (linear-projection transformer blocks, a
+CLIP text encoder, a byte-level BPE CLIP tokenizer, an 8x VAE) at a size that runs on a CPU
+in well under a second per step, so the whole AttnDreamBooth pipeline can be exercised
+without downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+TINY_RESOLUTION = 128
+TINY_CATEGORY = "sloth"
+
+# Whole words that become single tokens, so prompts like "a photo of a sloth" tokenise as in SD.
+_WORDS = (
+    "a photo of an the in on with painting watercolor sloth toy teddy bear dog cat knight armor "
+    "wearing hat beach forest city sitting sketch oil drawing style red blue green by and at "
+    "picture front top snow mountain pencil art portrait background rendering is"
+).split()
+# Categories that deliberately split into several sub-tokens (prefix pieces + final piece),
+# to exercise code that must handle multi-token class nouns.
+_SPLIT_WORDS = {"wombat": ("wom", "bat"), "hedgehog": ("hedge", "hog")}
+_EOW = "</w>"
+
+
+def _byte_chars() -> list[str]:
+    """The 256 characters byte-level BPE uses for bytes, in CLIP's vocab order ("!" first)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    # The other bytes (controls, space, ...) are mapped to code points from 256 upward.
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+
+
+def _piece_merges(piece: str, final: bool) -> list[tuple[str, str]]:
+    """Merges joining every substring of `piece`, for every split point.
+
+    With all splits present, BPE can always finish merging a word into one token whatever
+    other merges fire first, so no careful ordering of merge ranks is needed.
+    """
+    merges = []
+    n = len(piece)
+    for length in range(2, n + 1):
+        for i in range(n - length + 1):
+            j = i + length
+            for k in range(i + 1, j):
+                right = piece[k:j] + (_EOW if final and j == n else "")
+                merges.append((piece[i:k], right))
+    return merges
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Build a CLIP-style vocab (bytes, bytes</w>, merged tokens, specials) and its merges."""
+    chars = _byte_chars()
+    tokens = chars + [c + _EOW for c in chars]  # same layout as CLIP, so "!" has id 0
+    pieces = [(w, True) for w in _WORDS]
+    for parts in _SPLIT_WORDS.values():
+        pieces += [(p, False) for p in parts[:-1]] + [(parts[-1], True)]
+    merges: list[tuple[str, str]] = []
+    seen_merges: set[tuple[str, str]] = set()
+    seen_tokens = set(tokens)
+    for piece, final in pieces:
+        for merge in _piece_merges(piece, final):
+            if merge in seen_merges:
+                continue
+            seen_merges.add(merge)
+            merges.append(merge)
+            if merge[0] + merge[1] not in seen_tokens:
+                seen_tokens.add(merge[0] + merge[1])
+                tokens.append(merge[0] + merge[1])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _make_tokenizer(tok_dir: Path):
+    """Write vocab.json + merges.txt to tok_dir and load a CLIPTokenizer from them."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges()
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (tok_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # model_max_length=77 is needed: the default (huge) max length breaks truncation.
+    # SD2.1's tokenizer pads with "!", so mirror that.
+    return CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77, pad_token="!")
+
+
+def _build_into(path: Path, seed: int) -> None:
+    """Construct all components with fixed seeds and save the pipeline to `path`."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _make_tokenizer(path / "tokenizer")
+    # Each component gets its own seed so its weights do not depend on the others' sizes.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),  # legacy name: these are head counts, as in SD2.1
+        cross_attention_dim=32,
+        use_linear_projection=True,
+        norm_num_groups=8,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels -> 8x downsampling like SD
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,  # must equal the U-Net's cross_attention_dim
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    # DDPMScheduler drops unknown keys; keep SD2.1's set_alpha_to_one for DDIM/PNDM swaps.
+    sched_cfg_path = path / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(sched_cfg_path.read_text())
+    sched_cfg["set_alpha_to_one"] = False
+    sched_cfg_path.write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random SD2.1-shaped diffusers pipeline to out_dir (reused if complete)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").is_file():
+        return out_dir
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    elif out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists but holds no complete model")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling temp dir and rename, so readers never see a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _build_into(tmp, seed)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Another process may have finished the same model first; theirs is as good.
+            if not (out_dir / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _draw_creature(px: int) -> Image.Image:
+    """Draw the concept (grey striped blob with a round head and two dark eyes) on RGBA."""
+    layer = Image.new("RGBA", (px, px), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    u = px / 100  # drawing units: the creature is designed on a 100x100 grid
+    grey, dark = (128, 126, 132, 255), (70, 66, 74, 255)
+    for fx in (32, 58):  # feet
+        d.ellipse([fx * u, 84 * u, (fx + 12) * u, 94 * u], fill=dark)
+    body = [22 * u, 38 * u, 78 * u, 90 * u]
+    d.ellipse(body, fill=grey)
+    # Stripes are drawn on their own layer and clipped to the body ellipse.
+    stripes = Image.new("RGBA", (px, px), (0, 0, 0, 0))
+    ds = ImageDraw.Draw(stripes)
+    for y in range(46, 90, 9):
+        ds.rectangle([0, y * u, px, (y + 4) * u], fill=dark)
+    mask = Image.new("L", (px, px), 0)
+    ImageDraw.Draw(mask).ellipse(body, fill=255)
+    layer.paste(
+        stripes, (0, 0), Image.fromarray(np.minimum(np.array(mask), np.array(stripes)[..., 3]))
+    )
+    for ex in (30, 60):  # ears
+        d.ellipse([ex * u, 8 * u, (ex + 10) * u, 20 * u], fill=dark)
+    d.ellipse([27 * u, 12 * u, 73 * u, 52 * u], fill=grey)  # head
+    for ex in (37, 55):  # eyes with a small highlight
+        d.ellipse([ex * u, 24 * u, (ex + 9) * u, 34 * u], fill=(20, 18, 22, 255))
+        d.ellipse([(ex + 2) * u, 26 * u, (ex + 4.5) * u, 28.5 * u], fill=(235, 235, 235, 255))
+    d.ellipse([46 * u, 38 * u, 54 * u, 43 * u], fill=(200, 120, 130, 255))  # nose
+    return layer
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """A random two-colour gradient with noise and a few faint shapes, like a varied scene."""
+    c0, c1 = rng.uniform(40, 240, 3), rng.uniform(40, 240, 3)
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    img = c0 * (1 - t) + c1 * t + rng.normal(0, 6, (size, size, 3))
+    bg = Image.fromarray(np.clip(np.broadcast_to(img, (size, size, 3)), 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(bg)
+    for _ in range(int(rng.integers(2, 6))):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(size / 16, size / 5)
+        color = tuple(int(v) for v in rng.uniform(30, 230, 3))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    return bg
+
+
+def draw_concept(out_dir: str | Path, n_images: int = 5, size: int = 160, seed: int = 0) -> Path:
+    """Write n_images JPEGs (0.jpg ...) of one procedural creature in varied poses and scenes."""
+    if size < TINY_RESOLUTION:
+        raise ValueError(f"size must be >= {TINY_RESOLUTION}, got {size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_images):
+        img = _background(rng, size)
+        px = int(size * rng.uniform(0.45, 0.75))  # scale of the subject
+        creature = _draw_creature(px).rotate(
+            float(rng.uniform(-25, 25)), resample=Image.BICUBIC, expand=True
+        )
+        x = int(rng.integers(0, max(1, size - creature.width + 1)))
+        y = int(rng.integers(0, max(1, size - creature.height + 1)))
+        img.paste(creature, (x, y), creature)
+        img.convert("RGB").save(out_dir / f"{i}.jpg", quality=95)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: write DIR/base_model and DIR/concept and print both paths."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--images", type=int, default=5, help="number of concept images")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.out / "base_model", seed=args.seed))
+    print(draw_concept(args.out / "concept", n_images=args.images, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""AttnDreamBooth: embedding -> cross-attention -> U-Net fine-tuning, in one process.
+
+    accelerate launch train_attndreambooth.py --pretrained_model_name_or_path MODEL \
+        --instance_data_dir dataset/grey_sloth --category sloth --output_dir runs/grey_sloth
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from attn_utils.config import ConfigError, parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, ns = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ns.dry_run:
+        print(json.dumps(cfg.plan(), indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    from accelerate import Accelerator
+
+    from attn_utils.trainer import Trainer, TrainingStopped
+
+    acc = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
+                      project_dir=cfg.output_dir)  # fmt: skip
+    try:
+        trainer = Trainer(cfg, acc)
+        if cfg.report_to != "none":
+            acc.init_trackers("attndreambooth", config=_flat(cfg.to_dict()))
+        trainer.run()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.code
+    acc.print(f"done: {cfg.output_dir}")
+    return 0
+
+
+def _flat(d: dict) -> dict:
+    """Trackers take scalars only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
