@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from attn_utils.config import ConfigError, parse_args
@@ -26,12 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
+    import torch
     from accelerate import Accelerator
 
-    from attn_utils.trainer import Trainer, TrainingStopped
+    from attn_utils.runtime import TrainingStopped
+    from attn_utils.trainer import Trainer
 
-    acc = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
-                      project_dir=cfg.output_dir)  # fmt: skip
+    # accelerate recognises a multi-process CPU (gloo) launch only when told it is on the CPU.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(
+        cpu=multi_cpu,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+    )
     try:
         trainer = Trainer(cfg, acc)
         if cfg.report_to != "none":

@@ -58,11 +58,20 @@ class CrossAttnCaptureProcessor:
         self.controller = controller
         self.fallback = fallback  # the processor it replaced, used while the controller rests
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):  # fmt: skip
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         if not self.controller.active or encoder_hidden_states is None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 temb, *args, **kwargs)  # fmt: skip
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

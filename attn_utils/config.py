@@ -37,13 +37,31 @@ class StageConfig:
 
 # The paper's recipe (SPEC.md); the fast version only changes stage 3.
 PAPER_STAGES = {
-    1: dict(learning_rate=1e-3, train_steps=60, batch_size=8, reg_mean_weight=0.1,
-            reg_var_weight=0.0, validation_steps=30),
-    2: dict(learning_rate=2e-5, train_steps=100, batch_size=8, reg_mean_weight=2.0,
-            reg_var_weight=5.0, validation_steps=50),
-    3: dict(learning_rate=2e-6, train_steps=500, batch_size=8, reg_mean_weight=2.0,
-            reg_var_weight=5.0, validation_steps=100),
-}  # fmt: skip
+    1: dict(
+        learning_rate=1e-3,
+        train_steps=60,
+        batch_size=8,
+        reg_mean_weight=0.1,
+        reg_var_weight=0.0,
+        validation_steps=30,
+    ),
+    2: dict(
+        learning_rate=2e-5,
+        train_steps=100,
+        batch_size=8,
+        reg_mean_weight=2.0,
+        reg_var_weight=5.0,
+        validation_steps=50,
+    ),
+    3: dict(
+        learning_rate=2e-6,
+        train_steps=500,
+        batch_size=8,
+        reg_mean_weight=2.0,
+        reg_var_weight=5.0,
+        validation_steps=100,
+    ),
+}
 FAST_STAGE_3 = dict(learning_rate=1e-5, train_steps=200, batch_size=4)
 
 
@@ -148,15 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_model_name_or_path", required=True)
     p.add_argument("--revision", default=None)
     p.add_argument("--instance_data_dir", required=True)
-    p.add_argument("--category", "--initialize_token", dest="category", required=True,
-                   help="super-category word, e.g. 'sloth'")  # fmt: skip
+    p.add_argument(
+        "--category",
+        "--initialize_token",
+        dest="category",
+        required=True,
+        help="super-category word, e.g. 'sloth'",
+    )
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--placeholder_token", "--object_token", dest="placeholder_token",
-                   default="new_concept")  # fmt: skip
+    p.add_argument(
+        "--placeholder_token", "--object_token", dest="placeholder_token", default="new_concept"
+    )
     p.add_argument("--n_object_embedding", type=int, default=1)
-    p.add_argument("--instance_prompt", default=None,
-                   help="training prompt; {} becomes the placeholder tokens "
-                   "(default: 'a photo of a {} <category>')")  # fmt: skip
+    p.add_argument(
+        "--instance_prompt",
+        default=None,
+        help="training prompt; {} becomes the placeholder tokens "
+        "(default: 'a photo of a {} <category>')",
+    )
     p.add_argument("--validation_prompt", default=None, help="same convention as --instance_prompt")
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_inference_steps", type=int, default=25)
@@ -173,19 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--fused_adam", action="store_true", help="fused AdamW kernel (CUDA)")
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    p.add_argument("--max_grad_norm", type=float, default=None,
-                   help="clip gradients (the original effectively did not)")  # fmt: skip
+    p.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=None,
+        help="clip gradients (the original effectively did not)",
+    )
     p.add_argument("--noise_offset", type=float, default=0.0)
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--torch_compile", action="store_true")
-    p.add_argument("--cache_latents", action="store_true",
-                   help="train on a pool of pre-encoded augmented latents")  # fmt: skip
+    p.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="train on a pool of pre-encoded augmented latents",
+    )
     p.add_argument("--cache_latents_variants", type=int, default=16)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
-    p.add_argument("--checkpointing_steps", type=int, default=None,
-                   help="default for every stage's --<stage>_checkpointing_steps")  # fmt: skip
+    p.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=None,
+        help="default for every stage's --<stage>_checkpointing_steps",
+    )
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint dir or 'latest'")
     p.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
@@ -212,9 +250,16 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         if ns.fast and idx == 3:
             vals.update(FAST_STAGE_3)
         vals["checkpointing_steps"] = ns.checkpointing_steps or 0
-        for key in ("learning_rate", "train_steps", "batch_size", "gradient_accumulation_steps",
-                    "reg_mean_weight", "reg_var_weight", "validation_steps",
-                    "checkpointing_steps"):  # fmt: skip
+        for key in (
+            "learning_rate",
+            "train_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "reg_mean_weight",
+            "reg_var_weight",
+            "validation_steps",
+            "checkpointing_steps",
+        ):
             v = getattr(ns, f"{prefix}_{key}")
             if v is not None:
                 vals[key] = v

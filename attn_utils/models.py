@@ -34,9 +34,11 @@ def check_model_source(name_or_path: str) -> None:
 
 
 def load_base_model(
-    name_or_path: str, revision: str | None = None, local_files_only: bool = False,
+    name_or_path: str,
+    revision: str | None = None,
+    local_files_only: bool = False,
     unet_path: str | Path | None = None,
-) -> BaseModel:  # fmt: skip
+) -> BaseModel:
     """Tokenizer, text encoder, VAE, U-Net and DDPM scheduler; one clear error if unreachable.
 
     The VAE is always the model's own `vae/` subfolder: no Hub API call decides that.

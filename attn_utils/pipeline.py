@@ -19,13 +19,21 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
         StableDiffusionPipeline,
     )
 
-    cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler,
-           "euler": EulerDiscreteScheduler}[scheduler]  # fmt: skip
+    cls = {
+        "dpm": DPMSolverMultistepScheduler,
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+    }[scheduler]
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=cls.from_config(scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=cls.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -41,16 +49,23 @@ def render_validation(trainer, out: Path) -> Path:
     if vae_dtype != torch.float32:
         trainer.vae.to(torch.float32)  # decode in fp32: half-precision VAE decodes can overflow
     try:
-        pipe = make_pipeline(trainer.tokenizer, trainer.text_encoder, trainer.vae, unet,
-                             trainer.noise_scheduler.config)  # fmt: skip
+        pipe = make_pipeline(
+            trainer.tokenizer,
+            trainer.text_encoder,
+            trainer.vae,
+            unet,
+            trainer.noise_scheduler.config,
+        )
         gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
         prompt = fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)
         with trainer._autocast():
             images = pipe(
-                [prompt] * cfg.num_validation_images, generator=gen,
+                [prompt] * cfg.num_validation_images,
+                generator=gen,
                 num_inference_steps=cfg.validation_inference_steps,
-                height=cfg.resolution, width=cfg.resolution,
-            ).images  # fmt: skip
+                height=cfg.resolution,
+                width=cfg.resolution,
+            ).images
     finally:
         if vae_dtype != torch.float32:
             trainer.vae.to(vae_dtype)

@@ -58,8 +58,15 @@ def finish_trainable(stage: int, params: StageParams, text_encoder) -> None:
         p.requires_grad_(False)
 
 
-def save_stage_result(run_dir: Path, stage: int, tokens: list[str], unet, text_encoder,
-                      token_ids: list[int], info: dict) -> Path:  # fmt: skip
+def save_stage_result(
+    run_dir: Path,
+    stage: int,
+    tokens: list[str],
+    unet,
+    text_encoder,
+    token_ids: list[int],
+    info: dict,
+) -> Path:
     """Write stage_<k>/ atomically: the embedding file or the U-Net, then stage_info.json."""
 
     def write(tmp: Path) -> None:
@@ -73,8 +80,9 @@ def save_stage_result(run_dir: Path, stage: int, tokens: list[str], unet, text_e
     return write_dir_atomically(stage_dir(run_dir, stage), write)
 
 
-def load_stage_result(run_dir: Path, stage: int, tokens: list[str], unet, text_encoder,
-                      token_ids: list[int]) -> None:  # fmt: skip
+def load_stage_result(
+    run_dir: Path, stage: int, tokens: list[str], unet, text_encoder, token_ids: list[int]
+) -> None:
     """Fold a completed stage's result into the resident models."""
     d = stage_dir(run_dir, stage)
     if stage == 1:

@@ -14,10 +14,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 TINY_RESOLUTION = 128
 TINY_CATEGORY = "sloth"
@@ -81,8 +85,9 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _make_tokenizer(tok_dir: Path):
+def _make_tokenizer(tok_dir: Path) -> CLIPTokenizer:
     """Write vocab.json + merges.txt to tok_dir and load a CLIPTokenizer from them."""
+    # Heavy libraries are imported lazily so that draw_concept stays cheap to import.
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
@@ -191,7 +196,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     # Build in a sibling temp dir and rename, so readers never see a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _build_into(tmp, seed)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
+            _build_into(tmp, seed)
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -213,16 +219,12 @@ def _draw_creature(px: int) -> Image.Image:
         d.ellipse([fx * u, 84 * u, (fx + 12) * u, 94 * u], fill=dark)
     body = [22 * u, 38 * u, 78 * u, 90 * u]
     d.ellipse(body, fill=grey)
-    # Stripes are drawn on their own layer and clipped to the body ellipse.
-    stripes = Image.new("RGBA", (px, px), (0, 0, 0, 0))
-    ds = ImageDraw.Draw(stripes)
+    # Stripes: a stripe mask clipped to the body ellipse, then filled with the dark colour.
+    stripes, body_mask = Image.new("L", (px, px), 0), Image.new("L", (px, px), 0)
     for y in range(46, 90, 9):
-        ds.rectangle([0, y * u, px, (y + 4) * u], fill=dark)
-    mask = Image.new("L", (px, px), 0)
-    ImageDraw.Draw(mask).ellipse(body, fill=255)
-    layer.paste(
-        stripes, (0, 0), Image.fromarray(np.minimum(np.array(mask), np.array(stripes)[..., 3]))
-    )
+        ImageDraw.Draw(stripes).rectangle([0, y * u, px, (y + 4) * u], fill=255)
+    ImageDraw.Draw(body_mask).ellipse(body, fill=255)
+    layer.paste(dark, mask=ImageChops.multiply(stripes, body_mask))
     for ex in (30, 60):  # ears
         d.ellipse([ex * u, 8 * u, (ex + 10) * u, 20 * u], fill=dark)
     d.ellipse([27 * u, 12 * u, 73 * u, 52 * u], fill=grey)  # head

@@ -113,9 +113,12 @@ def prompt_positions(
     regularisation target (SPEC.md; for a multi-token category only the first sub-token).
     """
     ids = tokenizer(
-        prompt, padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids  # fmt: skip
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     full = tokenizer(prompt, add_special_tokens=True).input_ids
     if len(full) > tokenizer.model_max_length:
         raise ConfigError(

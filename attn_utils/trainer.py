@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import shutil
-import signal
 from pathlib import Path
 
 import torch
@@ -18,9 +15,10 @@ from . import checkpoint as ck
 from .capture import TokenStats, capture_cross_attention
 from .config import ConfigError, RunConfig, StageConfig
 from .data import InstanceDataset, StepBatches, data_fingerprint, load_instance_images, step_seed
-from .losses import attention_reg_loss, denoising_loss
+from .latents import LatentPool, PoolIndices
 from .models import library_versions, load_base_model, model_fingerprint
 from .pipeline import render_validation
+from .runtime import StopRequest, TrainingStopped, build_optimizer, stage_fingerprint
 from .stages import (
     finish_trainable,
     load_stage_result,
@@ -28,69 +26,10 @@ from .stages import (
     save_stage_result,
     select_trainable,
 )
+from .step import denoise_losses, encode_latents
 from .tokens import add_placeholder_tokens, fill_prompt, prompt_positions
 
 log = logging.getLogger(__name__)
-
-
-class TrainingStopped(Exception):
-    """Raised after a clean stop (signal or non-finite loss); carries the exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-class StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop checkpoints at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> StopRequest:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("signal %d: will checkpoint and stop after this step", signum)
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], stage: StageConfig, cfg: RunConfig):
-    """AdamW with the paper's settings; 8-bit or fused kernels when asked."""
-    kw = dict(lr=stage.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)  # fmt: skip
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("--use_8bit_adam: needs `pip install bitsandbytes`") from None
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, fused=True if cfg.fused_adam else None, **kw)
-
-
-def _stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, world: int):
-    """Everything that determines a stage's math; resuming across a change is refused."""
-    plan = [
-        {k: getattr(s, k) for k in ("index", "learning_rate", "train_steps", "batch_size",
-                                    "reg_mean_weight", "reg_var_weight",
-                                    "gradient_accumulation_steps")}
-        for s in cfg.stages if s.index <= stage
-    ]  # fmt: skip
-    ident = dict(plan=plan, data=data_fp, model=model_fp, world=world,
-                 tokens=cfg.placeholder_tokens, category=cfg.category,
-                 prompt=cfg.instance_prompt, resolution=cfg.resolution,
-                 center_crop=cfg.center_crop, repeats=cfg.repeats, seed=cfg.seed,
-                 noise_offset=cfg.noise_offset, cache_latents=cfg.cache_latents)  # fmt: skip
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 class Trainer:
@@ -101,19 +40,23 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.device = accelerator.device
         # Data first: a bad photo fails the run before any model is loaded.
-        self.images, paths = load_instance_images(cfg.instance_data_dir, cfg.resolution,
-                                                  cfg.skip_bad_images)  # fmt: skip
+        self.images, paths = load_instance_images(
+            cfg.instance_data_dir, cfg.resolution, cfg.skip_bad_images
+        )
         self.data_fp = data_fingerprint(paths)
         self.model_fp = model_fingerprint(cfg.pretrained_model_name_or_path, cfg.revision)
         m = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.local_files_only)
         self.tokenizer, self.text_encoder, self.vae = m.tokenizer, m.text_encoder, m.vae
         self.unet, self.noise_scheduler = m.unet, m.noise_scheduler
-        self.token_ids = add_placeholder_tokens(self.tokenizer, self.text_encoder,
-                                                cfg.placeholder_tokens, cfg.category)  # fmt: skip
+        self.token_ids = add_placeholder_tokens(
+            self.tokenizer, self.text_encoder, cfg.placeholder_tokens, cfg.category
+        )
         prompt = fill_prompt(cfg.instance_prompt, cfg.placeholder_tokens)
-        self.input_ids, s, c = prompt_positions(self.tokenizer, prompt,
-                                                self.token_ids, cfg.category)  # fmt: skip
+        self.input_ids, s, c = prompt_positions(
+            self.tokenizer, prompt, self.token_ids, cfg.category
+        )
         self.columns = torch.tensor([list(range(s, s + len(self.token_ids))) + [c]])  # (1, k+1)
+        self.pool = None  # LatentPool, built on first use with --cache_latents
         self._place_models()
 
     # ------------------------------------------------------------------ setup
@@ -126,7 +69,9 @@ class Trainer:
             m.requires_grad_(False)
         self.text_encoder.to(self.device).eval()
         # The VAE is frozen and only encodes: half precision is safe and halves its cost.
-        self.vae.to(self.device, dtype=self.autocast_dtype or torch.float32).eval()
+        self.vae.to(self.device).eval()
+        if self.autocast_dtype is not None:
+            self.vae.to(dtype=self.autocast_dtype)
         self.unet.to(self.device)  # fp32 master weights in every mode
         if cfg.channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -144,13 +89,35 @@ class Trainer:
             self.unet.compile()
         self.input_ids = self.input_ids.to(self.device)
 
+    def _dataset(self, k: int):
+        """Augmented images, or (--cache_latents) indices into a pool encoded once per run."""
+        cfg = self.cfg
+        if not cfg.cache_latents:
+            return InstanceDataset(
+                self.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k
+            )
+        if self.pool is None:
+            with self._autocast():
+                self.pool = LatentPool(
+                    self.images,
+                    self.vae,
+                    cfg.resolution,
+                    cfg.center_crop,
+                    cfg.cache_latents_variants,
+                    cfg.seed,
+                    self.device,
+                )
+        return PoolIndices(len(self.pool), cfg.seed, k)
+
     def fingerprint(self, stage: int) -> str:
-        return _stage_fingerprint(self.cfg, stage, self.data_fp, self.model_fp,
-                                  self.acc.num_processes)  # fmt: skip
+        return stage_fingerprint(
+            self.cfg, stage, self.data_fp, self.model_fp, self.acc.num_processes
+        )
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                              enabled=self.autocast_dtype is not None)  # fmt: skip
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
@@ -159,14 +126,21 @@ class Trainer:
             ck.recover_interrupted_writes(self.run_dir)
             ck.write_json_atomically(
                 self.run_dir / "run_config.json",
-                {**cfg.to_dict(), "versions": library_versions(),
-                 "world_size": acc.num_processes, "data_fingerprint": self.data_fp},
-            )  # fmt: skip
+                {
+                    **cfg.to_dict(),
+                    "versions": library_versions(),
+                    "world_size": acc.num_processes,
+                    "data_fingerprint": self.data_fp,
+                },
+            )
         acc.wait_for_everyone()
         resume = ck.resolve_resume(self.run_dir, cfg.resume_from_checkpoint)
         if resume is None and ck.list_checkpoints(self.run_dir) and acc.is_main_process:
-            log.warning("%s holds checkpoints; pass --resume_from_checkpoint latest to continue "
-                        "from them instead of restarting the stage", self.run_dir)  # fmt: skip
+            log.warning(
+                "%s holds checkpoints; pass --resume_from_checkpoint latest to continue "
+                "from them instead of restarting the stage",
+                self.run_dir,
+            )
         for stage in range(1, max(cfg.run_stages) + 1):
             info = ck.stage_info(self.run_dir, stage)
             if info is not None:
@@ -177,8 +151,14 @@ class Trainer:
                     )
                 later_done = any(ck.stage_info(self.run_dir, j) for j in range(stage + 1, 4))
                 if not (later_done and stage >= 2):  # a later U-Net supersedes this one
-                    load_stage_result(self.run_dir, stage, cfg.placeholder_tokens, self.unet,
-                                      self.text_encoder, self.token_ids)  # fmt: skip
+                    load_stage_result(
+                        self.run_dir,
+                        stage,
+                        cfg.placeholder_tokens,
+                        self.unet,
+                        self.text_encoder,
+                        self.token_ids,
+                    )
                 acc.print(f"stage {stage}: already complete, reusing {info.get('path', '')}")
                 continue
             if stage not in cfg.run_stages:
@@ -200,24 +180,33 @@ class Trainer:
         ddp_unet = self.unet
         if k >= 2 and acc.num_processes > 1:
             ddp_unet = torch.nn.parallel.DistributedDataParallel(
-                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )  # fmt: skip
+                self.unet,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
         if k >= 2:  # frozen encoder, fixed prompt: one forward for the whole stage
             with torch.no_grad(), self._autocast():
                 cached = self.text_encoder(self.input_ids)[0].float()  # (1, 77, D)
         self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
         ga = sc.gradient_accumulation_steps
-        dataset = InstanceDataset(self.images, cfg.resolution, cfg.center_crop, cfg.repeats,
-                                  cfg.seed, k)  # fmt: skip
-        sampler = StepBatches(sc.batch_size, start * ga, sc.train_steps * ga,
-                              acc.process_index, acc.num_processes)  # fmt: skip
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers,
-                            pin_memory=self.device.type == "cuda")  # fmt: skip
+        dataset = self._dataset(k)
+        sampler = StepBatches(
+            sc.batch_size, start * ga, sc.train_steps * ga, acc.process_index, acc.num_processes
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.dataloader_num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         stats = TokenStats()
         stats.columns = self.columns
-        bar = tqdm(total=sc.train_steps, initial=start, desc=f"stage {k}",
-                   disable=not acc.is_main_process, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=sc.train_steps,
+            initial=start,
+            desc=f"stage {k}",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
         step, acc_loss, acc_reg = start, 0.0, 0.0
         with StopRequest() as stop, capture_cross_attention(self.unet, stats):
             for micro, pixels in enumerate(loader, start=start * ga):
@@ -247,8 +236,9 @@ class Trainer:
                 step += 1
                 logs = {"loss": acc_loss, "reg": acc_reg, "lr": sc.learning_rate}
                 bar.update(1)
-                bar.set_postfix(loss=f"{acc_loss:.4f}", reg=f"{acc_reg:.4g}",
-                                lr=f"{sc.learning_rate:.1e}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{acc_loss:.4f}", reg=f"{acc_reg:.4g}", lr=f"{sc.learning_rate:.1e}"
+                )
                 acc.log({f"stage_{k}/{n}": v for n, v in logs.items()}, step=step)
                 self.last_logs = logs
                 acc_loss = acc_reg = 0.0
@@ -266,39 +256,22 @@ class Trainer:
                         128 + stop.signum,
                     )
         bar.close()
-        self._check_ranks_agree(plist, k)
+        checksums = self._rank_checksums(plist)
         if cfg.validation_prompt and sc.validation_steps:
             self._validate(k, step, stats)
         finish_trainable(k, params, self.text_encoder)
-        self._save_stage(k, step)
+        self._save_stage(k, step, checksums)
 
-    def _losses(self, unet, pixels, text, gen, stats: TokenStats, sc: StageConfig):
+    def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
         """Denoising MSE and attention regulariser for one micro-batch."""
-        pixels = pixels.to(self.device, self.vae.dtype, non_blocking=True)
-        with torch.no_grad():
-            dist = self.vae.encode(pixels).latent_dist
-            latents = dist.sample(generator=gen).float() * self.vae.config.scaling_factor
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
-        if self.cfg.noise_offset:
-            noise = noise + self.cfg.noise_offset * torch.randn(
-                (b, latents.shape[1], 1, 1), generator=gen, device=self.device
-            )
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (b,), generator=gen, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        if self.pool is not None:  # the batch holds pool indices
+            latents = self.pool.sample(batch, gen) * self.vae.config.scaling_factor
         else:
-            target = noise
-        if self.cfg.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        stats.reset()
-        pred = unet(noisy, t, text.expand(b, -1, -1)).sample
-        mse = denoising_loss(pred, target)
-        reg = attention_reg_loss(list(stats.stats.values()), len(self.token_ids),
-                                 sc.reg_mean_weight, sc.reg_var_weight)  # fmt: skip
-        return mse, reg
+            latents = encode_latents(self.vae, batch, gen)
+        return denoise_losses(
+            unet, self.noise_scheduler, latents, text, gen, stats, len(self.token_ids),
+            sc.reg_mean_weight, sc.reg_var_weight, self.cfg.noise_offset, self.cfg.channels_last,
+        )  # fmt: skip
 
     def _optimizer_step(self, params, optimizer, scaler, plist) -> None:
         if params.embedding is not None and self.acc.num_processes > 1:
@@ -332,26 +305,42 @@ class Trainer:
     def _nan_message(self, k: int, step: int) -> str:
         found = ck.list_checkpoints(self.run_dir)
         last = str(found[-1]) if found else "none (no checkpoint written yet)"
-        return (f"non-finite loss at stage {k} step {step + 1}; stopping without saving. "
-                f"Last good checkpoint: {last}. Try a lower learning rate or "
-                "--mixed_precision no")  # fmt: skip
+        return (
+            f"non-finite loss at stage {k} step {step + 1}; stopping without saving. "
+            f"Last good checkpoint: {last}. Try a lower learning rate or "
+            "--mixed_precision no"
+        )
 
-    def _check_ranks_agree(self, plist, k: int) -> None:
+    def _rank_checksums(self, plist) -> list[list[float]]:
+        """Per-process (sum, sum of squares) of the trained weights; raise if ranks differ."""
+        local = torch.stack(
+            [
+                sum(p.detach().double().sum() for p in plist),
+                sum(p.detach().double().square().sum() for p in plist),
+            ]
+        ).to(self.device)
         if self.acc.num_processes == 1:
-            return
-        local = torch.stack([p.detach().double().sum() for p in plist]).sum().reshape(1)
-        lo, hi = local.clone(), local.clone()
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        if lo.item() != hi.item():
-            raise RuntimeError(f"stage {k}: trained weights differ between processes")
+            return [local.tolist()]
+        gathered = [torch.zeros_like(local) for _ in range(self.acc.num_processes)]
+        torch.distributed.all_gather(gathered, local)
+        sums = [g.tolist() for g in gathered]
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"trained weights differ between processes: {sums}")
+        return sums
 
     def _checkpoint(self, k, step, params, optimizer, scaler) -> Path | None:
         path = None
         if self.acc.is_main_process:
             extra = {"fingerprint": self.fingerprint(k), "scaler": scaler.state_dict()}
-            path = ck.save_checkpoint(self.run_dir, k, step, params.named, optimizer, extra,
-                                      self.cfg.checkpoints_total_limit)  # fmt: skip
+            path = ck.save_checkpoint(
+                self.run_dir,
+                k,
+                step,
+                params.named,
+                optimizer,
+                extra,
+                self.cfg.checkpoints_total_limit,
+            )
         self.acc.wait_for_everyone()
         return path or self.run_dir / "checkpoints"
 
@@ -384,14 +373,24 @@ class Trainer:
                 stats.active = True
         self.acc.wait_for_everyone()
 
-    def _save_stage(self, k: int, step: int) -> None:
+    def _save_stage(self, k: int, step: int, checksums: list) -> None:
         if self.acc.is_main_process:
-            info = {"fingerprint": self.fingerprint(k), "steps": step,
-                    "path": str(ck.stage_dir(self.run_dir, k)),
-                    "final_logs": getattr(self, "last_logs", {}),
-                    "ranks_checked": self.acc.num_processes}  # fmt: skip
-            save_stage_result(self.run_dir, k, self.cfg.placeholder_tokens, self.unet,
-                              self.text_encoder, self.token_ids, info)  # fmt: skip
+            info = {
+                "fingerprint": self.fingerprint(k),
+                "steps": step,
+                "path": str(ck.stage_dir(self.run_dir, k)),
+                "final_logs": getattr(self, "last_logs", {}),
+                "rank_checksums": checksums,
+            }
+            save_stage_result(
+                self.run_dir,
+                k,
+                self.cfg.placeholder_tokens,
+                self.unet,
+                self.text_encoder,
+                self.token_ids,
+                info,
+            )
             for old in ck.list_checkpoints(self.run_dir):  # superseded by the stage result
                 if old.name.startswith(f"checkpoint-s{k}-"):
                     shutil.rmtree(old, ignore_errors=True)

@@ -12,11 +12,18 @@ from attn_utils.losses import attention_reg_loss
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-        cross_attention_dim=16, norm_num_groups=8, use_linear_projection=True,
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=16,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    )
 
 
 class KeepProbs:
@@ -42,8 +49,10 @@ def slow_reg(maps, s, k, c, wm, wv):
             vals = P[b].reshape(-1, P.shape[-1])  # heads and pixels jointly
             n = vals.shape[0]
             mean = [sum(vals[:, t].tolist()) / n for t in range(P.shape[-1])]
-            var = [sum((x - mean[t]) ** 2 for x in vals[:, t].tolist()) / (n - 1)
-                   for t in range(P.shape[-1])]  # fmt: skip
+            var = [
+                sum((x - mean[t]) ** 2 for x in vals[:, t].tolist()) / (n - 1)
+                for t in range(P.shape[-1])
+            ]
             m_err = sum((mean[s[b] + j] - mean[c[b]]) ** 2 for j in range(k)) / k
             v_err = sum((var[s[b] + j] - var[c[b]]) ** 2 for j in range(k)) / k
             total += wm * m_err + wv * v_err

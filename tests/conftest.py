@@ -1,0 +1,68 @@
+"""Shared fixtures: one tiny random-weight SD model and one procedural concept per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from attn_utils.tiny import TINY_CATEGORY, TINY_RESOLUTION, build_tiny_model, draw_concept  # noqa: E402
+
+# Step counts small enough for 2 CPU cores, large enough to exercise every code path.
+FAST_STEPS = [
+    "--ti_train_steps",
+    "4",
+    "--attn_train_steps",
+    "4",
+    "--unet_train_steps",
+    "4",
+    "--ti_batch_size",
+    "2",
+    "--attn_batch_size",
+    "2",
+    "--unet_batch_size",
+    "2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base_model")
+
+
+@pytest.fixture(scope="session")
+def concept(tmp_path_factory) -> Path:
+    return draw_concept(tmp_path_factory.mktemp("concept") / "sloth", n_images=3)
+
+
+def train_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """argv for train_attndreambooth.main on the tiny model."""
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--category",
+        TINY_CATEGORY,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(TINY_RESOLUTION),
+        *FAST_STEPS,
+        *extra,
+    ]
+
+
+@pytest.fixture
+def run_train():
+    """Call the training CLI in-process; returns its exit code."""
+    import train_attndreambooth
+
+    return lambda argv: train_attndreambooth.main(argv)
