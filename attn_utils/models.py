@@ -67,6 +67,8 @@ def load_base_model(
         raise ConfigError(
             f"--pretrained_model_name_or_path: cannot load {name_or_path!r}: {hint} ({first})"
         ) from None
+    for m in (text_encoder, vae, unet):  # frozen unless a stage unfreezes its own part
+        m.requires_grad_(False)
     return BaseModel(tokenizer, text_encoder, vae, unet, sched)
 
 

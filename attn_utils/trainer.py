@@ -44,6 +44,9 @@ class Trainer:
             cfg.instance_data_dir, cfg.resolution, cfg.skip_bad_images
         )
         self.data_fp = data_fingerprint(paths)
+        for stage in range(1, max(cfg.run_stages)):  # before loading any model
+            if stage not in cfg.run_stages and ck.stage_info(self.run_dir, stage) is None:
+                raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
         self.model_fp = model_fingerprint(cfg.pretrained_model_name_or_path, cfg.revision)
         m = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.local_files_only)
         self.tokenizer, self.text_encoder, self.vae = m.tokenizer, m.text_encoder, m.vae
