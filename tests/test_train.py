@@ -26,10 +26,16 @@ def _plan(capsys, *argv):
 def test_dry_run_prints_the_papers_plan(capsys):
     plan = _plan(capsys, "--dry_run")
     got = {
-        s["name"]: (s["learning_rate"], s["train_steps"], s["batch_size"], s["reg_mean_weight"],
-                    s["reg_var_weight"], s["validation_steps"])
+        s["name"]: (
+            s["learning_rate"],
+            s["train_steps"],
+            s["batch_size"],
+            s["reg_mean_weight"],
+            s["reg_var_weight"],
+            s["validation_steps"],
+        )
         for s in plan["stages"]
-    }  # fmt: skip
+    }
     assert got == {
         "ti": (1e-3, 60, 8, 0.1, 0.0, 30),
         "attn": (2e-5, 100, 8, 2.0, 5.0, 50),
@@ -42,8 +48,21 @@ def test_dry_run_prints_the_papers_plan(capsys):
 
 
 def test_fast_version_and_authors_flag_names(capsys):
-    plan = _plan(capsys, "--dry_run", "--fast", "--ti_bs", "3", "--attn_attn_mean", "1.5",
-                 "--unet_ga", "2", "--object_token", "sks", "--attn_save_step", "7")  # fmt: skip
+    plan = _plan(
+        capsys,
+        "--dry_run",
+        "--fast",
+        "--ti_bs",
+        "3",
+        "--attn_attn_mean",
+        "1.5",
+        "--unet_ga",
+        "2",
+        "--object_token",
+        "sks",
+        "--attn_save_step",
+        "7",
+    )
     stages = {s["name"]: s for s in plan["stages"]}
     u = stages["unet"]
     assert (u["learning_rate"], u["train_steps"], u["batch_size"]) == (1e-5, 200, 4)
@@ -55,9 +74,22 @@ def test_fast_version_and_authors_flag_names(capsys):
 
 
 def test_stage_subset_and_initialize_token_alias():
-    cfg, _ = parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
-                         "--initialize_token", "teddy bear", "--output_dir", "o",
-                         "--stages", "2,3", "--n_object_embedding", "2"])  # fmt: skip
+    cfg, _ = parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "m",
+            "--instance_data_dir",
+            "d",
+            "--initialize_token",
+            "teddy bear",
+            "--output_dir",
+            "o",
+            "--stages",
+            "2,3",
+            "--n_object_embedding",
+            "2",
+        ]
+    )
     assert cfg.run_stages == [2, 3]
     assert cfg.category == "teddy bear"
     assert cfg.placeholder_tokens == ["new_concept_v0", "new_concept_v1"]
@@ -66,28 +98,53 @@ def test_stage_subset_and_initialize_token_alias():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model, concept):
     out = tmp_path_factory.mktemp("run") / "sloth"
-    argv = train_argv(tiny_model, concept, out, "--validation_prompt", "a photo of a {} sloth",
-                      "--validation_inference_steps", "2", "--num_validation_images", "1",
-                      "--ti_validation_steps", "2", "--checkpointing_steps", "2",
-                      "--checkpoints_total_limit", "1")  # fmt: skip
+    argv = train_argv(
+        tiny_model,
+        concept,
+        out,
+        "--validation_prompt",
+        "a photo of a {} sloth",
+        "--validation_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--ti_validation_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "1",
+    )
     assert train_attndreambooth.main(argv) == 0
     return out, argv
 
 
 def test_output_layout(run):
     out, _ = run
-    for rel in ["run_config.json", "stage_1/learned_embeds.safetensors", "stage_1/stage_info.json",
-                "stage_2/unet/config.json", "stage_2/unet/diffusion_pytorch_model.safetensors",
-                "stage_3/unet/diffusion_pytorch_model.safetensors",
-                "validation/stage_1/step_2.png", "validation/stage_1/step_4.png",
-                "validation/stage_3/step_4.png"]:  # fmt: skip
+    for rel in [
+        "run_config.json",
+        "stage_1/learned_embeds.safetensors",
+        "stage_1/stage_info.json",
+        "stage_2/unet/config.json",
+        "stage_2/unet/diffusion_pytorch_model.safetensors",
+        "stage_3/unet/diffusion_pytorch_model.safetensors",
+        "validation/stage_1/step_2.png",
+        "validation/stage_1/step_4.png",
+        "validation/stage_3/step_4.png",
+    ]:
         assert (out / rel).is_file(), rel
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # no pickles
     # finished stages supersede their mid-stage checkpoints
     assert not list((out / "checkpoints").glob("checkpoint-*"))
     cfg = json.loads((out / "run_config.json").read_text())
-    for key in ("category", "placeholder_tokens", "pretrained_model_name_or_path", "seed",
-                "versions", "stages"):  # fmt: skip
+    for key in (
+        "category",
+        "placeholder_tokens",
+        "pretrained_model_name_or_path",
+        "seed",
+        "versions",
+        "stages",
+    ):
         assert key in cfg, key
     assert set(cfg["versions"]) >= {"torch", "diffusers", "transformers", "accelerate"}
 
@@ -101,8 +158,9 @@ def test_embedding_loads_in_plain_diffusers_and_unets_load(run, tiny_model):
     assert "new_concept_v0" in pipe.tokenizer.get_vocab()
     for k in (2, 3):
         pipe.unet = UNet2DConditionModel.from_pretrained(out / f"stage_{k}" / "unet")
-        img = pipe("a photo of a new_concept_v0 sloth", num_inference_steps=2,
-                   output_type="np").images  # fmt: skip
+        img = pipe(
+            "a photo of a new_concept_v0 sloth", num_inference_steps=2, output_type="np"
+        ).images
         assert img.shape == (1, 128, 128, 3)
 
 
@@ -205,8 +263,15 @@ def test_stages_2_3_reuse_stage_1_and_missing_stage_is_an_error(run, tmp_path, c
 
 def test_two_processes_hold_the_same_weights(tmp_path, tiny_model, concept):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           str(ROOT / "train_attndreambooth.py"), *train_argv(tiny_model, concept, out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train_attndreambooth.py"),
+        *train_argv(tiny_model, concept, out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -218,10 +283,19 @@ def test_two_processes_hold_the_same_weights(tmp_path, tiny_model, concept):
 
 
 def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept):
-    cmd = [sys.executable, str(ROOT / "train_attndreambooth.py"),
-           "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1-base",
-           "--instance_data_dir", str(concept), "--category", "sloth",
-           "--output_dir", str(tmp_path / "o"), "--local_files_only"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_attndreambooth.py"),
+        "--pretrained_model_name_or_path",
+        "stabilityai/stable-diffusion-2-1-base",
+        "--instance_data_dir",
+        str(concept),
+        "--category",
+        "sloth",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--local_files_only",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert r.returncode == 2
