@@ -303,3 +303,18 @@ def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--pretrained_model_name_or_path" in errors[0]
     assert "stabilityai/stable-diffusion-2-1-base" in errors[0]
+
+
+def test_scalars_go_to_tensorboard(tmp_path, tiny_model, concept):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    argv = train_argv(tiny_model, concept, out, "--report_to", "tensorboard", "--stages", "1")
+    assert train_attndreambooth.main(argv) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"stage_1/loss", "stage_1/reg", "stage_1/lr"} <= tags
+    assert [e.step for e in acc.Scalars("stage_1/loss")] == [1, 2, 3, 4]
