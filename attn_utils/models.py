@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .config import ConfigError
 
@@ -33,6 +35,37 @@ def check_model_source(name_or_path: str) -> None:
         raise ConfigError(f"--pretrained_model_name_or_path: {name_or_path} is not a folder")
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Can a TCP connection to the Hub endpoint be opened? (No API call is made.)"""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_parts(name_or_path: str, unet_path, kw: dict) -> BaseModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kw)
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw)
+    if unet_path is not None:
+        unet = UNet2DConditionModel.from_pretrained(unet_path, local_files_only=True)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw)
+    sched = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+    return BaseModel(tokenizer, text_encoder, vae, unet, sched)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_base_model(
     name_or_path: str,
     revision: str | None = None,
@@ -41,35 +74,36 @@ def load_base_model(
 ) -> BaseModel:
     """Tokenizer, text encoder, VAE, U-Net and DDPM scheduler; one clear error if unreachable.
 
-    The VAE is always the model's own `vae/` subfolder: no Hub API call decides that.
+    A Hub id is read from the local cache first; the network is used only when the cache
+    lacks it and the endpoint answers. The VAE is always the model's own `vae/` subfolder:
+    no Hub API call decides that. Never falls back to random weights.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     check_model_source(name_or_path)
     kw = _load_kwargs(name_or_path, revision, local_files_only)
+    errors = (OSError, ValueError, EnvironmentError)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kw)
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw)
-        if unet_path is not None:
-            unet = UNet2DConditionModel.from_pretrained(unet_path, local_files_only=True)
-        else:
-            unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw)
-        sched = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (
-            "not found in the local cache and the Hub was not contacted"
-            if kw["local_files_only"]
-            else "not a local diffusers folder and the Hub could not provide it"
-        )
-        raise ConfigError(
-            f"--pretrained_model_name_or_path: cannot load {name_or_path!r}: {hint} ({first})"
-        ) from None
-    for m in (text_encoder, vae, unet):  # frozen unless a stage unfreezes its own part
-        m.requires_grad_(False)
-    return BaseModel(tokenizer, text_encoder, vae, unet, sched)
+        m = _load_parts(name_or_path, unet_path, {**kw, "local_files_only": True})
+    except errors as cached_error:
+        if kw["local_files_only"]:
+            raise ConfigError(
+                f"--pretrained_model_name_or_path: cannot load {name_or_path!r}: not a complete "
+                f"local diffusers folder or cached model ({_first_line(cached_error)})"
+            ) from None
+        if not hub_reachable():
+            raise ConfigError(
+                f"--pretrained_model_name_or_path: {name_or_path!r} is not in the local cache "
+                "and the Hub is unreachable; pass a local diffusers folder"
+            ) from None
+        try:
+            m = _load_parts(name_or_path, unet_path, kw)
+        except errors as e:
+            raise ConfigError(
+                f"--pretrained_model_name_or_path: cannot load {name_or_path!r} from the Hub "
+                f"({_first_line(e)})"
+            ) from None
+    for part in (m.text_encoder, m.vae, m.unet):  # frozen unless a stage unfreezes its own part
+        part.requires_grad_(False)
+    return m
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> str:

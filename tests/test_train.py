@@ -282,7 +282,8 @@ def test_two_processes_hold_the_same_weights(tmp_path, tiny_model, concept):
     assert cfg["world_size"] == 2
 
 
-def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept):
+@pytest.mark.parametrize("mode", ["local_files_only", "unreachable_endpoint"])
+def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept, mode):
     cmd = [
         sys.executable,
         str(ROOT / "train_attndreambooth.py"),
@@ -294,15 +295,22 @@ def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept):
         "sloth",
         "--output_dir",
         str(tmp_path / "o"),
-        "--local_files_only",
+        "--resolution",
+        "128",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    if mode == "local_files_only":
+        cmd.append("--local_files_only")
+    else:
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: refused at once
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--pretrained_model_name_or_path" in errors[0]
     assert "stabilityai/stable-diffusion-2-1-base" in errors[0]
+    assert not (tmp_path / "o" / "stage_1").exists()
 
 
 def test_scalars_go_to_tensorboard(tmp_path, tiny_model, concept):
