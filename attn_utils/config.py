@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--cache_latents_variants: must be >= 1")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError("--max_grad_norm: must be > 0")
+    needs = {
+        "--use_8bit_adam": (cfg.use_8bit_adam, "bitsandbytes"),
+        "--enable_xformers_memory_efficient_attention": (
+            cfg.enable_xformers_memory_efficient_attention,
+            "xformers",
+        ),
+        f"--report_to {cfg.report_to}": (cfg.report_to != "none", cfg.report_to),
+    }
+    for flag, (wanted, package) in needs.items():
+        if wanted and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{flag}: needs the package {package!r} (pip install {package})")
     for s in cfg.stages:
         p = s.name
         for key in ("train_steps", "batch_size", "gradient_accumulation_steps"):

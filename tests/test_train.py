@@ -326,3 +326,31 @@ def test_scalars_go_to_tensorboard(tmp_path, tiny_model, concept):
     tags = set(acc.Tags()["scalars"])
     assert {"stage_1/loss", "stage_1/reg", "stage_1/lr"} <= tags
     assert [e.step for e in acc.Scalars("stage_1/loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "flag,package",
+    [
+        ("--use_8bit_adam", "bitsandbytes"),
+        ("--enable_xformers_memory_efficient_attention", "xformers"),
+    ],
+)
+def test_flag_needing_a_missing_package_fails_before_loading(flag, package, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == package else real(n))
+    argv = [
+        "--pretrained_model_name_or_path",
+        "/nonexistent",
+        "--instance_data_dir",
+        "/none",
+        "--category",
+        "sloth",
+        "--output_dir",
+        "/tmp/unused",
+        flag,
+    ]
+    assert train_attndreambooth.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {flag}: needs the package {package!r} (pip install {package})"]
