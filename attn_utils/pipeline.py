@@ -14,8 +14,10 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
     """A StableDiffusionPipeline around modules already in memory (nothing reloaded)."""
     from diffusers import (
         DDIMScheduler,
+        DDPMScheduler,
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
+        PNDMScheduler,
         StableDiffusionPipeline,
     )
 
@@ -23,6 +25,8 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
         "dpm": DPMSolverMultistepScheduler,
         "ddim": DDIMScheduler,
         "euler": EulerDiscreteScheduler,
+        "ddpm": DDPMScheduler,
+        "pndm": PNDMScheduler,
     }[scheduler]
     pipe = StableDiffusionPipeline(
         vae=vae,

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny tensors: a second thread only spin-waits on shared cores
 
 from attn_utils.tiny import TINY_CATEGORY, TINY_RESOLUTION, build_tiny_model, draw_concept  # noqa: E402
 

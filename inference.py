@@ -1,0 +1,244 @@
+r"""Render prompts with a learned AttnDreamBooth concept.
+
+    python inference.py --run_dir runs/grey_sloth --prompt_file dataset/prompts/objects.txt \
+        --save_dir out/grey_sloth
+
+'{}' in a prompt becomes "<placeholder tokens> <category>". Images go to
+<save_dir>/<prompt slug>/<i>.png with prompt.txt beside them, grids to <save_dir>/grids/,
+and <save_dir>/index.json (written last) maps each prompt to its files, seeds and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+
+from attn_utils.config import ConfigError
+
+# --infer_scheduler: our short names, and the authors' diffusers class names
+SCHEDULERS = {"dpm": "dpm", "dpmsolver": "dpm", "dpmsolvermultistepscheduler": "dpm"}
+SCHEDULERS |= {"ddim": "ddim", "ddimscheduler": "ddim", "euler": "euler"}
+SCHEDULERS |= {"eulerdiscretescheduler": "euler", "ddpm": "ddpm", "ddpmscheduler": "ddpm"}
+SCHEDULERS |= {"pndm": "pndm", "pndmscheduler": "pndm"}
+DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
+DTYPES |= {"bf16": "bf16", "bfloat16": "bf16"}
+
+log = logging.getLogger("inference")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_argument_group("the concept (a run folder, or the authors' flags)")
+    src.add_argument(
+        "--run_dir", metavar="DIR", help="training --output_dir: base model, tokens, category"
+    )
+    src.add_argument(
+        "--stage",
+        type=int,
+        choices=[1, 2, 3],
+        help="U-Net of this stage of --run_dir (default: the last completed; 1: base U-Net)",
+    )
+    src.add_argument(
+        "--pretrained_model_name_or_path", metavar="MODEL", help="base model (overrides the run's)"
+    )
+    src.add_argument("--revision", default=None)
+    src.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
+    src.add_argument(
+        "--learned_embedding_path",
+        metavar="FILE",
+        help="{token: tensor} .safetensors, or a legacy .bin (read without unpickling code); "
+        "its keys are the placeholder tokens",
+    )
+    src.add_argument("--checkpoint_path", metavar="DIR", help="a folder holding unet/")
+    src.add_argument(
+        "--category_token",
+        "--category",
+        dest="category",
+        metavar="WORD",
+        help="super-category, e.g. 'sloth' (default: the run's, or the exported pipeline's)",
+    )
+    pr = p.add_argument_group("prompts and output")
+    pr.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="'{}' marks the concept; repeatable"
+    )
+    pr.add_argument(
+        "--prompt_file", metavar="FILE", help="one prompt a line; blank and # lines skipped"
+    )
+    pr.add_argument("--save_dir", metavar="DIR", help="output folder")
+    pr.add_argument(
+        "--save_attention_maps",
+        action="store_true",
+        help="per image: cross-attention heatmaps of the placeholder and of the category, "
+        "over layers and steps (<slug>/attention/)",
+    )
+    pr.add_argument(
+        "--export_pipeline",
+        metavar="DIR",
+        help="write a diffusers pipeline whose tokenizer holds the placeholder (fp32); "
+        "without prompts, only export",
+    )
+    sm = p.add_argument_group("sampling")
+    sm.add_argument("--num_images_per_prompt", type=int, default=16, metavar="N", help="default 16")
+    sm.add_argument("--infer_batch_size", type=int, default=8, metavar="N", help="default 8")
+    sm.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="image i of every prompt starts from the noise of seed + i, whatever the batch "
+        "size, so results compare across prompts, checkpoints and runs (default: random, logged)",
+    )
+    sm.add_argument("--num_inference_steps", type=int, default=50, metavar="N", help="default 50")
+    sm.add_argument(
+        "--infer_scheduler",
+        default="dpm",
+        help="dpm (DPMSolverMultistepScheduler, default), ddim, euler, ddpm, pndm; "
+        "the diffusers class names work too",
+    )
+    sm.add_argument(
+        "--guidance_scale", type=float, default=7.5, help="default 7.5; <= 1: no guidance"
+    )
+    sm.add_argument("--negative_prompt", default=None, metavar="TEXT")
+    sm.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="default: the U-Net's native size",
+    )
+    sm.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    sm.add_argument(
+        "--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16"
+    )
+    return p
+
+
+def check_args(ns: argparse.Namespace) -> None:
+    """Every check that needs no file or model: one ConfigError naming the flag."""
+    for flag in ("num_images_per_prompt", "infer_batch_size", "num_inference_steps"):
+        if getattr(ns, flag) < 1:
+            raise ConfigError(f"--{flag}: must be >= 1")
+    if ns.guidance_scale < 0:
+        raise ConfigError("--guidance_scale: must be >= 0")
+    if ns.resolution is not None and (ns.resolution < 8 or ns.resolution % 8):
+        raise ConfigError("--resolution: must be a positive multiple of 8")
+    if ns.infer_scheduler.lower() not in SCHEDULERS:
+        raise ConfigError(
+            f"--infer_scheduler: one of dpm, ddim, euler, ddpm, pndm, got {ns.infer_scheduler!r}"
+        )
+    if SCHEDULERS[ns.infer_scheduler.lower()] == "pndm" and ns.num_inference_steps < 4:
+        raise ConfigError("--num_inference_steps: the PNDM scheduler needs at least 4")
+    if ns.dtype.lower() not in DTYPES:
+        raise ConfigError(f"--dtype: one of auto, fp32, fp16, bf16, got {ns.dtype!r}")
+    if not (ns.prompt or ns.prompt_file or ns.export_pipeline):
+        raise ConfigError("--prompt / --prompt_file: nothing to render (or give --export_pipeline)")
+    if (ns.prompt or ns.prompt_file) and not ns.save_dir:
+        raise ConfigError("--save_dir: needed to render prompts")
+
+
+def pick_device(name: str, dtype: str):
+    """(torch device, torch dtype) from --device and --dtype."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"--device {name}: not usable here ({str(e).splitlines()[0]})") from None
+    dt = DTYPES[dtype.lower()]
+    if dt == "auto":
+        dt = "fp16" if device.type == "cuda" else "fp32"
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+
+
+def run(ns: argparse.Namespace) -> int:
+    check_args(ns)
+    from attn_utils.export import (
+        build_pipeline,
+        check_export_dir,
+        export_pipeline,
+        load_concept,
+        resolve_source,
+    )
+    from attn_utils.models import library_versions
+    from attn_utils.render import Renderer, RenderOptions, make_jobs, read_prompt_file
+
+    templates = list(ns.prompt or []) + (read_prompt_file(ns.prompt_file) if ns.prompt_file else [])
+    src = resolve_source(
+        run_dir=ns.run_dir,
+        stage=ns.stage,
+        model=ns.pretrained_model_name_or_path,
+        revision=ns.revision,
+        embedding_path=ns.learned_embedding_path,
+        checkpoint_path=ns.checkpoint_path,
+        category=ns.category,
+        local_files_only=ns.local_files_only,
+    )
+    if ns.export_pipeline:
+        check_export_dir(ns.export_pipeline)
+    device, dtype = pick_device(ns.device, ns.dtype)
+    scheduler = SCHEDULERS[ns.infer_scheduler.lower()]
+    jobs = make_jobs(templates, src.tokens, src.category)
+    concept = load_concept(src)
+    log.info("U-Net: %s", src.unet_path or f"base model {src.model}")
+    if ns.export_pipeline:  # before any cast: the export keeps the fp32 weights
+        out = export_pipeline(concept, ns.export_pipeline, scheduler)
+        print(f"exported pipeline: {out}", file=sys.stderr)
+    if not jobs:
+        return 0
+    pipe = build_pipeline(concept, scheduler).to(device)
+    if dtype != concept.unet.dtype:
+        pipe.to(dtype=dtype)
+    seed = ns.seed
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        log.info("no --seed given: using random seed %d (recorded in index.json)", seed)
+    size = ns.resolution or concept.unet.config.sample_size * pipe.vae_scale_factor
+    opts = RenderOptions(
+        num_images_per_prompt=ns.num_images_per_prompt,
+        infer_batch_size=ns.infer_batch_size,
+        seed=seed,
+        num_inference_steps=ns.num_inference_steps,
+        guidance_scale=ns.guidance_scale,
+        negative_prompt=ns.negative_prompt,
+        height=size,
+        width=size,
+        save_attention_maps=ns.save_attention_maps,
+    )
+    settings = {
+        **src.to_dict(),
+        "scheduler": scheduler,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "seed_policy": "image i of every prompt starts from torch.randn on the CPU seeded seed + i",
+        "versions": library_versions(),
+    }
+    Renderer(pipe, opts, concept.token_ids, src.category).render(jobs, ns.save_dir, settings)
+    print(f"done: {len(jobs)} prompt(s) x {opts.num_images_per_prompt} in {ns.save_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return run(ns)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
