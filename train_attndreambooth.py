@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import sys
 
 from attn_utils.config import ConfigError, parse_args
+
+EXIT_DISK_FULL = 4  # 2: bad input, 3: non-finite loss, 128 + n: stopped by signal n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Saves are atomic: the half-written folder is gone and the previous checkpoint stays.
+        print(
+            f"error: {e.filename or cfg.output_dir}: {e.strerror}; the previous checkpoint is "
+            "intact: free space, then rerun with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
+        return EXIT_DISK_FULL
     acc.print(f"done: {cfg.output_dir}")
     return 0
 

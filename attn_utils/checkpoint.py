@@ -11,11 +11,14 @@ A folder appears under its final name only once complete (written beside it, the
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +28,19 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError
 
 CKPT_RE = re.compile(r"^checkpoint-s([123])-(\d+)$")
+CKPT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
 EMBEDS_FILE = "learned_embeds.safetensors"
 STAGE_INFO = "stage_info.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -34,12 +48,7 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    with contextlib.suppress(OSError):
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync_dir(root)
 
 
 def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
@@ -51,21 +60,43 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    old = None
     try:
         tmp.mkdir()
         write(tmp)
         _fsync_tree(tmp)
-        old = None
         if final.exists():
             old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _fsync_dir(final.parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)  # the previous copy goes back under its name
+        if _is_disk_full(e):  # safetensors reports it as its own error type
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from e
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return bool(re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(e)))
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder so that no half-deleted copy is ever seen under its name."""
+    path = Path(path)
+    doomed = path.parent / f".tmp-rm-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -73,7 +104,10 @@ def write_json_atomically(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -89,27 +123,84 @@ def save_embeddings(path: Path, tokens: list[str], embeds: torch.Tensor) -> None
               str(path))  # fmt: skip
 
 
-def load_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read {token: tensor[dim]} from .safetensors, or a legacy .bin without unpickling code."""
+def file_kind(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save), 'pickle' (protocol 2+) or 'unknown', by content."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if head[8:9] == b"{" and 2 <= header_len <= size - 8:  # u64 length, then a JSON header
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _load_tensor_pickle(path: Path):
+    """torch.load restricted to tensors and plain containers: pickled code is refused."""
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
+        # weights_only could be bypassed before torch 2.6 (CVE-2025-32434)
+        raise ConfigError(f"{path}: pickled files need torch >= 2.6 to be read safely; "
+                          "convert it to .safetensors")  # fmt: skip
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(path, "rb") as f:  # a file object: torch.load never guesses by suffix
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        why = f" ({why[:160]})" if why else ""
+        raise ConfigError(
+            f"{path}: refused: a pickle that holds more than plain tensors{why}; nothing in it "
+            "was run. Only tensors are read; re-save it as .safetensors from a trusted source"
+        ) from None
+
+
+def load_embeddings(path: str | Path, dim: int | None = None) -> dict[str, torch.Tensor]:
+    """Read {token: tensor[dim]} from .safetensors, or a legacy .bin without unpickling code.
+
+    With `dim` (the text encoder's width), a vector of another width is refused, naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: embedding file not found")
     try:
-        if path.suffix == ".safetensors":
+        kind = file_kind(path)
+        if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
             data = load_file(str(path))
+        elif kind in ("zip", "pickle"):
+            data = _load_tensor_pickle(path)
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            raise ValueError("neither safetensors nor a torch.save file")
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not a readable embedding file ({msg[:200]})") from None
-    if "string_to_param" in data:  # A1111-style textual-inversion file
-        data = {"*": data["string_to_param"]["*"]}
+        raise ConfigError(f"{path}: not a readable embedding file ({_first_line(e)})") from None
+    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
+        data = {"*": data["string_to_param"].get("*")}  # A1111-style textual-inversion file
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: expected a {{token: tensor}} mapping")
     out = {}
     for k, v in data.items():
-        if not isinstance(v, torch.Tensor):
-            raise ConfigError(f"{path}: entry {k!r} is not a tensor")
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise ConfigError(f"{path}: entry {k!r} is not a floating-point tensor")
+        if v.ndim == 2 and v.shape[0] == 1:
+            v = v[0]  # (1, dim), as some tools write a single vector
+        if v.ndim not in (1, 2) or (dim is not None and v.shape[-1] != dim):
+            want = f"({dim},)" if dim is not None else "(dim,)"
+            raise ConfigError(
+                f"{path}: entry {k!r} has shape {tuple(v.shape)}, but this text encoder needs "
+                f"{want} (an embedding made for another base model?)"
+            )
+        if not torch.isfinite(v).all():
+            raise ConfigError(f"{path}: entry {k!r} holds NaN or inf values")
         out[str(k)] = v.float()
     return out
 
@@ -124,7 +215,14 @@ def stage_dir(run_dir: Path, stage: int) -> Path:
 def stage_info(run_dir: Path, stage: int) -> dict | None:
     """The completion record of a stage, or None if the stage has not completed."""
     p = stage_dir(run_dir, stage) / STAGE_INFO
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{p}: unreadable ({_first_line(e)}); delete {p.parent} to train stage {stage} again"
+        ) from None
 
 
 # ---------------------------------------------------------------- resumable checkpoints
@@ -168,19 +266,19 @@ def save_checkpoint(
     write_dir_atomically(final, write)
     if total_limit:
         for old in list_checkpoints(run_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of this run folder, oldest first."""
+    """Complete checkpoints of this run folder, oldest first; anything partial is ignored."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and (p / "state.json").is_file():
+        if m and all((p / f).is_file() for f in CKPT_FILES):
             found.append(((int(m.group(1)), int(m.group(2))), p))
     return [p for _, p in sorted(found)]
 
@@ -193,10 +291,10 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
         trainable = load_file(str(path / "trainable.safetensors"))
         opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                    state["optimizer"])  # fmt: skip
-    except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - whatever is wrong, the checkpoint is unusable
         raise ConfigError(
-            f"--resume_from_checkpoint: {path} is not a readable checkpoint ({msg})"
+            f"--resume_from_checkpoint: {path} is not a readable checkpoint ({_first_line(e)}); "
+            "only safetensors and JSON are read"
         ) from None
     return state, trainable, opt
 
@@ -209,8 +307,14 @@ def resolve_resume(run_dir: Path, arg: str | None) -> Path | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     p = Path(arg)
-    if not (p / "state.json").is_file():
-        raise ConfigError(f"--resume_from_checkpoint: {p} is not a checkpoint folder")
+    missing = [f for f in CKPT_FILES if not (p / f).is_file()]
+    if missing:
+        pickles = sorted(x.name for x in p.glob("*") if x.suffix in (".bin", ".pt", ".pkl", ".pth"))
+        hint = f"; pickled files ({', '.join(pickles)}) are never loaded" if pickles else ""
+        raise ConfigError(
+            f"--resume_from_checkpoint: {p} is not a checkpoint of this trainer "
+            f"(no {missing[0]}){hint}"
+        )
     return p
 
 
@@ -220,8 +324,11 @@ def recover_interrupted_writes(run_dir: Path) -> None:
         if not root.is_dir():
             continue
         for p in sorted(root.iterdir()):
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+            if p.name.startswith(".tmp-"):  # a write or a delete that never finished
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
             elif p.name.startswith(".old-"):
                 final = root / p.name[len(".old-") :].rsplit("-", 1)[0]
                 if final.exists():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from .config import ConfigError
@@ -22,9 +23,25 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
+def shown(path: Path) -> str:
+    """A path for messages: undecodable bytes in a file name become \\xNN, never an error."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _readable_suffixes() -> set[str]:
+    """Our list plus every extension of a format this Pillow build can open."""
+    Image.init()
+    return IMAGE_SUFFIXES | {
+        e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+    }
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; transparency is composited on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16"):  # 16-bit files: the full range is 0..65535
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "I":  # 32-bit integers: 16-bit data when above 8-bit range
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -33,7 +50,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
@@ -44,15 +61,22 @@ def load_image(path: Path) -> Image.Image:
     """Open, fully decode, apply EXIF orientation, convert to RGB; raise ValueError if unusable."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
+    # Some libraries switch this on globally; a truncated photo must still be refused.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as im:
             im.load()  # decode now: truncated files fail here, not mid-training
-            im = ImageOps.exif_transpose(im)
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception as e:  # noqa: BLE001 - a broken EXIF block should not cost the photo
+                log.warning("%s: EXIF orientation unreadable (%s); used as stored", shown(path), e)
             return _to_rgb(im)
     except UnidentifiedImageError:
         raise ValueError("not an image PIL can read") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode ({e})") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt data
+        raise ValueError(f"cannot decode ({type(e).__name__}: {e})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def load_instance_images(
@@ -61,35 +85,43 @@ def load_instance_images(
     """Load every image of a concept folder; one line per bad file, or skip them if asked."""
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(f"--instance_data_dir: {root} is not a folder")
-    files = sorted(
-        p for p in root.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES
-    )  # fmt: skip
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise ConfigError(f"--instance_data_dir: {shown(root)} {what}")
+    try:
+        files = sorted(
+            p for p in root.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES
+        )  # fmt: skip
+    except OSError as e:
+        raise ConfigError(
+            f"--instance_data_dir: cannot list {shown(root)} ({e.strerror})"
+        ) from None
+    suffixes = _readable_suffixes()
     images, used, bad = [], [], []
     for p in files:
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            bad.append(f"{p}: not an image file (suffix {p.suffix or 'none'})")
+        if p.suffix.lower() not in suffixes:
+            suffix = shown(Path(p.suffix)) if p.suffix else "none"
+            bad.append(f"{shown(p)}: not an image file (suffix {suffix})")
             continue
         try:
             img = load_image(p)
-        except ValueError as e:
-            bad.append(f"{p}: {e}")
+        except (ValueError, OSError) as e:
+            bad.append(f"{shown(p)}: {str(e).encode('utf-8', 'backslashreplace').decode()}")
             continue
         if min(img.size) < resolution:
             log.warning("%s: %dx%d is smaller than --resolution %d; it will be upscaled",
-                        p, img.size[0], img.size[1], resolution)  # fmt: skip
+                        shown(p), img.size[0], img.size[1], resolution)  # fmt: skip
         images.append(img)
         used.append(p)
     if bad and not skip_bad:
         raise ConfigError(
-            "--instance_data_dir: unusable files (pass --skip_bad_images to drop them):\n"
-            + "\n".join(bad)
+            f"--instance_data_dir: {len(bad)} unusable file(s) (pass --skip_bad_images to "
+            "drop them):\n" + "\n".join(bad)
         )
     for line in bad:
-        log.warning("skipping %s", line)
+        log.warning("--skip_bad_images: skipping %s", line)
     if not images:
-        raise ConfigError(f"--instance_data_dir: no usable images in {root}")
+        raise ConfigError(f"--instance_data_dir: no usable images in {shown(root)}")
     return images, used
 
 
@@ -97,7 +129,7 @@ def data_fingerprint(paths: list[Path]) -> str:
     """Hash of the instance files' names and bytes."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(p.name.encode())
+        h.update(os.fsencode(p.name))  # any file name, even one that is not valid UTF-8
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 

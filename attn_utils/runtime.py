@@ -95,5 +95,14 @@ def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, w
         noise_offset=cfg.noise_offset,
         cache_latents=cfg.cache_latents,
         pool_variants=cfg.cache_latents_variants if cfg.cache_latents else None,
+        # the optimiser and the precision change the trajectory just as the data does
+        optimizer=dict(
+            betas=[cfg.adam_beta1, cfg.adam_beta2],
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+            eight_bit=cfg.use_8bit_adam,
+            max_grad_norm=cfg.max_grad_norm,
+        ),
+        mixed_precision=cfg.mixed_precision,
     )
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -86,7 +86,8 @@ def load_stage_result(
     """Fold a completed stage's result into the resident models."""
     d = stage_dir(run_dir, stage)
     if stage == 1:
-        data = load_embeddings(d / EMBEDS_FILE)
+        dim = text_encoder.get_input_embeddings().weight.shape[1]
+        data = load_embeddings(d / EMBEDS_FILE, dim=dim)
         missing = [t for t in tokens if t not in data]
         if missing:
             raise ConfigError(f"{d / EMBEDS_FILE}: has no entry for {missing[0]!r}")

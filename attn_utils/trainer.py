@@ -144,30 +144,43 @@ class Trainer:
                 "from them instead of restarting the stage",
                 self.run_dir,
             )
-        for stage in range(1, max(cfg.run_stages) + 1):
-            info = ck.stage_info(self.run_dir, stage)
-            if info is not None:
-                if info.get("fingerprint") != self.fingerprint(stage):
-                    raise ConfigError(
-                        f"--output_dir: {ck.stage_dir(self.run_dir, stage)} was trained with "
-                        "different data, base model or settings; use a new --output_dir"
-                    )
-                later_done = any(ck.stage_info(self.run_dir, j) for j in range(stage + 1, 4))
-                if not (later_done and stage >= 2):  # a later U-Net supersedes this one
-                    load_stage_result(
-                        self.run_dir,
-                        stage,
-                        cfg.placeholder_tokens,
-                        self.unet,
-                        self.text_encoder,
-                        self.token_ids,
-                    )
-                acc.print(f"stage {stage}: already complete, reusing {info.get('path', '')}")
-                continue
-            if stage not in cfg.run_stages:
-                raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
-            self.train_stage(cfg.stage(stage), resume)
+        with StopRequest() as self.stop:  # one for the run: a signal between stages counts too
+            for stage in range(1, max(cfg.run_stages) + 1):
+                self._run_stage(stage, resume)
         acc.end_training()
+
+    def _run_stage(self, stage: int, resume: Path | None) -> None:
+        """Reuse a completed stage, or train it; stop afterwards if a signal came meanwhile."""
+        cfg, acc = self.cfg, self.acc
+        info = ck.stage_info(self.run_dir, stage)
+        if info is not None:
+            if info.get("fingerprint") != self.fingerprint(stage):
+                raise ConfigError(
+                    f"--output_dir: {ck.stage_dir(self.run_dir, stage)} was trained with "
+                    "different data, base model or settings; use a new --output_dir"
+                )
+            later_done = any(ck.stage_info(self.run_dir, j) for j in range(stage + 1, 4))
+            if not (later_done and stage >= 2):  # a later U-Net supersedes this one
+                load_stage_result(
+                    self.run_dir,
+                    stage,
+                    cfg.placeholder_tokens,
+                    self.unet,
+                    self.text_encoder,
+                    self.token_ids,
+                )
+            acc.print(f"stage {stage}: already complete, reusing {info.get('path', '')}")
+            return
+        if stage not in cfg.run_stages:
+            raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
+        self.train_stage(cfg.stage(stage), resume)
+        if stage < max(cfg.run_stages) and self._stop_requested(self.stop):
+            raise TrainingStopped(
+                f"stopped by signal after stage {stage} completed "
+                f"({ck.stage_dir(self.run_dir, stage)}); launch the same command again to run "
+                "the remaining stages",
+                128 + self.stop.signum,
+            )
 
     # ------------------------------------------------------------------ one stage
     def train_stage(self, sc: StageConfig, resume: Path | None) -> None:
@@ -211,7 +224,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         step, acc_loss, acc_reg = start, 0.0, 0.0
-        with StopRequest() as stop, capture_cross_attention(self.unet, stats):
+        stop = self.stop
+        # closed on every exit, so an error message starts on a line of its own
+        with contextlib.closing(bar), capture_cross_attention(self.unet, stats):
             for micro, pixels in enumerate(loader, start=start * ga):
                 last_micro = (micro + 1) % ga == 0
                 sync = last_micro or acc.num_processes == 1
@@ -229,13 +244,14 @@ class Trainer:
                         mse, reg = self._losses(ddp_unet, pixels, text, gen, stats, sc)
                         loss = (mse + reg) / ga
                     if not self._all_finite(loss):
-                        raise TrainingStopped(self._nan_message(k, step), 3)
+                        raise TrainingStopped(self._nan_message(k, step, "loss"), 3)
                     scaler.scale(loss).backward()
                 acc_loss += mse.item() / ga
                 acc_reg += reg.item() / ga
                 if not last_micro:
                     continue
-                self._optimizer_step(params, optimizer, scaler, plist)
+                if not self._optimizer_step(params, optimizer, scaler, plist):
+                    raise TrainingStopped(self._nan_message(k, step, "gradient"), 3)
                 step += 1
                 logs = {"loss": acc_loss, "reg": acc_reg, "lr": sc.learning_rate}
                 bar.update(1)
@@ -258,7 +274,6 @@ class Trainer:
                         "continue with --resume_from_checkpoint latest",
                         128 + stop.signum,
                     )
-        bar.close()
         checksums = self._rank_checksums(plist)
         if cfg.validation_prompt and sc.validation_steps:
             self._validate(k, step, stats)
@@ -276,7 +291,8 @@ class Trainer:
             sc.reg_mean_weight, sc.reg_var_weight, self.cfg.noise_offset, self.cfg.channels_last,
         )  # fmt: skip
 
-    def _optimizer_step(self, params, optimizer, scaler, plist) -> None:
+    def _optimizer_step(self, params, optimizer, scaler, plist) -> bool:
+        """One update; False (and no update) if a gradient is NaN or inf."""
         if params.embedding is not None and self.acc.num_processes > 1:
             # Stage 1's few numbers are all-reduced by hand: the original forgot to, and
             # its ranks drifted apart.
@@ -286,13 +302,20 @@ class Trainer:
         if self.cfg.max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm)
+        # Under fp16 the GradScaler skips overflowing steps itself; elsewhere a NaN gradient
+        # under a finite loss would poison the weights and every later checkpoint.
+        if not scaler.is_enabled() and not self._all_finite(_grad_norm(plist)):
+            optimizer.zero_grad(set_to_none=True)
+            return False
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return True
 
     # ------------------------------------------------------------------ helpers
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        ok = torch.isfinite(loss.detach()).float().reshape(1)
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """Is `value` finite on every process?"""
+        ok = torch.isfinite(value.detach()).all().float().reshape(1)
         if self.acc.num_processes > 1:
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         return bool(ok.item())
@@ -305,11 +328,11 @@ class Trainer:
             stop.signum = int(flag.item())
         return bool(flag.item())
 
-    def _nan_message(self, k: int, step: int) -> str:
+    def _nan_message(self, k: int, step: int, what: str) -> str:
         found = ck.list_checkpoints(self.run_dir)
         last = str(found[-1]) if found else "none (no checkpoint written yet)"
         return (
-            f"non-finite loss at stage {k} step {step + 1}; stopping without saving. "
+            f"non-finite {what} at stage {k} step {step + 1}; stopping without saving. "
             f"Last good checkpoint: {last}. Try a lower learning rate or "
             "--mixed_precision no"
         )
@@ -398,3 +421,11 @@ class Trainer:
                 if old.name.startswith(f"checkpoint-s{k}-"):
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Total 2-norm of the gradients (one number: NaN or inf if any gradient is)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())

@@ -1,0 +1,625 @@
+"""Training-step benchmark: the library's step vs the original's, on random SD2.1-shaped weights.
+
+Per (variant, stage) it reports the median ms/step after warm-up, peak memory and the
+projected training time of the paper's recipe, for two modes measured in the same run:
+  ours      the library: capture_cross_attention (explicit maps on attn2 only, fused
+            self-attention), text states cached (stages 2-3) or at batch 1 (stage 1),
+            stage 1 trains only the placeholder row(s).
+  original  the original's way: explicit probabilities in EVERY attention layer, the text
+            encoder on B copies of the prompt every step, stage 1 trains the whole embedding
+            table and restores the other rows after each step.
+Each variant runs in a child process (global flags such as TF32 and compiled graphs stay
+apart). Data loading is not timed: the pixels are a fixed random batch on the device.
+Run `python bench/bench_train.py --help`; bench/README.md explains the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Paper step counts (SPEC.md); "fast" is the paper's fast stage 3. Validations per recipe:
+# steps // validate_every, i.e. 60//30 + 100//50 + 500//100 (fast: 200//100).
+RECIPES = {"paper": {1: 60, 2: 100, 3: 500}, "fast": {1: 60, 2: 100, 3: 200}}
+VALIDATIONS = {"paper": 9, "fast": 6}
+MODES = ("ours", "original")
+# CLI flag -> (Variant field, help). The trainer's flag names where it has one.
+FEATURE_FLAGS = {
+    "tf32": ("tf32", "TF32 matmuls and convolutions (CUDA only)"),
+    "fused_adam": ("fused_adam", "fused AdamW kernel"),
+    "use_8bit_adam": ("adam8bit", "bitsandbytes AdamW8bit"),
+    "gradient_checkpointing": ("grad_ckpt", "gradient checkpointing in the U-Net"),
+    "channels_last": ("channels_last", "U-Net weights and inputs in channels_last"),
+    "compile": ("compile", "torch.compile the U-Net (give it more --warmup)"),
+    "cache_latents": ("cache_latents", "latents from a pre-encoded pool: no VAE in the step"),
+    "no_text_cache": ("no_text_cache", "ours with the text encoder on B copies every step"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One configuration of speed features; its name is its '+'-joined feature list."""
+
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay fp32)
+    tf32: bool = False
+    fused_adam: bool = False
+    adam8bit: bool = False
+    grad_ckpt: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    cache_latents: bool = False
+    no_text_cache: bool = False  # ours with the text encoder on B copies every step
+
+    @property
+    def name(self) -> str:
+        flags = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is True]
+        return "+".join([self.precision] + flags)
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        kw: dict = {}
+        for tok in filter(None, spec.strip().split("+")):
+            if tok in ("fp32", "bf16", "fp16"):
+                if "precision" in kw:
+                    raise ValueError(f"variant {spec!r}: more than one precision")
+                kw["precision"] = tok
+            elif tok in {f.name for f in dataclasses.fields(cls)} - {"precision"}:
+                kw[tok] = True
+            else:
+                names = ", ".join(f.name for f in dataclasses.fields(cls)[1:])
+                raise ValueError(
+                    f"variant {spec!r}: unknown feature {tok!r} (fp32|bf16|fp16, {names})"
+                )
+        if kw.get("fused_adam") and kw.get("adam8bit"):
+            raise ValueError(f"variant {spec!r}: fused_adam and adam8bit are two optimisers")
+        return cls(**kw)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+
+# ---------------------------------------------------------------- the original's attention
+@contextlib.contextmanager
+def original_attention(unet, controller):
+    """The original's hook: explicit softmax probabilities in EVERY attention layer.
+
+    Self-attention (attn1) loses the fused kernel: diffusers' classic AttnProcessor saves its
+    (B*H, N, N) probabilities for backward. Cross-attention maps go to the controller
+    through the library's capture, whose fallback is now that same explicit processor.
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from attn_utils.capture import capture_cross_attention
+
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor({k: AttnProcessor() for k in previous})
+    try:
+        with capture_cross_attention(unet, controller):
+            yield
+    finally:
+        unet.set_attn_processor(previous)
+
+
+# ---------------------------------------------------------------- one stage in one mode
+class StageRun:
+    """A stage's trainable set, optimiser and step on resident models, in one mode.
+
+    `with StageRun(...) as run: run.step(i)`; leaving it restores processors and freezes.
+    """
+
+    def __init__(self, m, stage: int, mode: str, v: Variant, pixels, pool=None) -> None:
+        from attn_utils.capture import TokenStats
+        from attn_utils.config import PAPER_STAGES, RunConfig, StageConfig
+        from attn_utils.runtime import build_optimizer
+        from attn_utils.stages import select_trainable
+
+        self.m, self.stage, self.mode, self.v = m, stage, mode, v
+        self.pixels, self.pool = pixels, pool  # (B, 3, R, R) in [-1, 1]; LatentPool or None
+        self.device = pixels.device
+        b = pixels.shape[0]
+        self.sc = StageConfig(index=stage, **{**PAPER_STAGES[stage], "batch_size": b})
+        self.stats = TokenStats()
+        self.stats.columns = m.columns
+        self.keep = None  # original stage 1: rows of the table to restore after each step
+        if mode == "original" and stage == 1:
+            table = m.text_encoder.get_input_embeddings().weight
+            for p in list(m.unet.parameters()) + list(m.text_encoder.parameters()):
+                p.requires_grad_(False)
+            table.requires_grad_(True)
+            self.keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
+            self.keep[m.token_ids] = False
+            self.frozen_rows = table.detach().clone()
+            self.params, plist = None, [table]
+        else:
+            self.params = select_trainable(stage, m.unet, m.text_encoder, m.token_ids)
+            plist = list(self.params.named.values())
+        self.n_trainable = sum(p.numel() for p in plist)
+        run_cfg = RunConfig(
+            "random", "-", "-", "-", use_8bit_adam=v.adam8bit, fused_adam=v.fused_adam
+        )
+        self.optimizer = build_optimizer(plist, self.sc, run_cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=v.precision == "fp16")
+        self.cached = None
+        t0 = time.perf_counter()
+        if mode == "ours" and stage >= 2 and not v.no_text_cache:
+            with (
+                torch.no_grad(),
+                self.autocast(self.v, self.device),
+            ):  # frozen encoder, fixed prompt: once
+                self.cached = m.text_encoder(m.input_ids.to(self.device))[0].float()
+        self.setup_ms = (time.perf_counter() - t0) * 1e3
+
+    @staticmethod
+    def autocast(v: Variant, device: torch.device):
+        dt = v.autocast_dtype
+        return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
+
+    def __enter__(self) -> StageRun:
+        from attn_utils.capture import capture_cross_attention
+
+        self._ctx = contextlib.ExitStack()
+        if self.mode == "ours":
+            self._ctx.enter_context(capture_cross_attention(self.m.unet, self.stats))
+        else:
+            self._ctx.enter_context(original_attention(self.m.unet, self.stats))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from attn_utils.stages import finish_trainable
+
+        self._ctx.close()
+        if self.params is not None:
+            finish_trainable(self.stage, self.params, self.m.text_encoder)
+        for p in self.m.text_encoder.parameters():
+            p.requires_grad_(False)
+        self.optimizer = None
+
+    def text(self) -> torch.Tensor:
+        """(1 or B, 77, D) text states, the way this mode gets them."""
+        if self.cached is not None:
+            return self.cached
+        ids = self.m.input_ids.to(self.device)
+        if self.mode == "original" or self.v.no_text_cache:
+            ids = ids.expand(len(self.pixels), -1)  # B copies of one fixed prompt
+        return self.m.text_encoder(ids)[0]
+
+    def losses(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from attn_utils.step import denoise_losses, encode_latents
+
+        if self.pool is not None:
+            idx = torch.arange(len(self.pixels)) % len(self.pool)
+            latents = self.pool.sample(idx, gen) * self.m.vae.config.scaling_factor
+        else:
+            latents = encode_latents(self.m.vae, self.pixels, gen)
+        sc = self.sc
+        return denoise_losses(
+            self.m.unet, self.m.scheduler, latents, self.text(), gen, self.stats,
+            len(self.m.token_ids), sc.reg_mean_weight, sc.reg_var_weight, 0.0,
+            self.v.channels_last,
+        )  # fmt: skip
+
+    def step(self, i: int) -> float:
+        """One optimiser step, as the trainer takes it; returns the loss."""
+        gen = torch.Generator(self.device).manual_seed(1000 * self.stage + i)
+        with self.autocast(self.v, self.device):
+            mse, reg = self.losses(gen)
+            loss = mse + reg
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.keep is not None:  # the original's "restore every row but the placeholder"
+            with torch.no_grad():
+                table = self.m.text_encoder.get_input_embeddings().weight
+                table[self.keep] = self.frozen_rows[self.keep]
+        return loss.item()
+
+
+# ---------------------------------------------------------------- measurement (child side)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> str:
+    """Start a peak-memory window; returns what the peak will mean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda max_memory_allocated"
+    try:  # Linux: writing 5 resets VmHWM (peak RSS) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+        return "peak RSS (VmHWM, reset per measurement)"
+    except OSError:
+        return "peak RSS of the whole process (could not reset per measurement)"
+
+
+def read_peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def env_info(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    info = dict(
+        torch=torch.__version__, diffusers=diffusers.__version__,
+        transformers=transformers.__version__, python=platform.python_version(), cpu=cpu,
+        cpu_threads=torch.get_num_threads(), device=device.type,
+        load_average=[round(x, 2) for x in os.getloadavg()],  # other work on the machine
+    )  # fmt: skip
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    with contextlib.suppress(ImportError):
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    return info
+
+
+def _synthetic_pixels(b: int, res: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(b, 3, res, res, generator=g) * 2 - 1).to(device)  # (B, 3, R, R)
+
+
+def _place(m, v: Variant, device: torch.device) -> None:
+    """What Trainer._place_models does for these features."""
+    if v.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if v.autocast_dtype is not None:
+        m.vae.to(dtype=v.autocast_dtype)
+    if v.channels_last:
+        m.unet.to(memory_format=torch.channels_last)
+    if v.grad_ckpt:
+        m.unet.enable_gradient_checkpointing()
+    m.unet.train(v.grad_ckpt)  # diffusers checkpoints only in train mode
+    if v.compile:
+        m.unet.compile()
+
+
+def run_variant(job: dict) -> dict:
+    """Child: build the models once, then time every requested (stage, mode)."""
+    from bench.sd21_configs import build_models, count_params
+
+    v, device = Variant(**job["variant"]), torch.device(job["device"])
+    m = build_models(job["model"], device, job["seed"])
+    _place(m, v, device)
+    pixels = _synthetic_pixels(job["batch_size"], job["resolution"], device)
+    params = {k: count_params(getattr(m, k)) for k in ("unet", "text_encoder", "vae")}
+    out = {"env": env_info(device), "pool_ms": None, "results": [], "params": params}
+    pool = None
+    if v.cache_latents:  # the trainer's pool, built from a batch of random images
+        import numpy as np
+        from PIL import Image
+
+        from attn_utils.latents import LatentPool
+
+        res = job["resolution"]
+        rgb = np.random.default_rng(0).integers(0, 255, (len(pixels), res, res, 3), np.uint8)
+        t0 = time.perf_counter()
+        with StageRun.autocast(v, device):  # one variant per image: the pool's own augment
+            pool = LatentPool([Image.fromarray(x) for x in rgb], m.vae, res, False, 1, 0, device)
+        _sync(device)
+        out["pool_ms"] = (time.perf_counter() - t0) * 1e3
+    for stage in job["stages"]:
+        for mode in job["modes"]:
+            scope = reset_peak(device)
+            run = StageRun(m, stage, mode, v, pixels, pool)
+            times, losses = [], []
+            with run:
+                for i in range(job["warmup"] + job["steps"]):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    losses.append(run.step(i))
+                    _sync(device)
+                    if i >= job["warmup"]:
+                        times.append((time.perf_counter() - t0) * 1e3)
+            ms = statistics.median(times)
+            out["results"].append(dict(
+                variant=v.name, stage=stage, mode=mode, ms=ms, ms_all=times,
+                peak_mib=read_peak_mib(device), memory_metric=scope, setup_ms=run.setup_ms,
+                trainable=run.n_trainable, losses=losses, load_average=os.getloadavg()[0],
+            ))  # fmt: skip
+            del run
+            print(f"[bench] {v.name} stage {stage} {mode}: {ms:.1f} ms/step", file=sys.stderr)
+    return out
+
+
+def run_validation(job: dict) -> dict:
+    """Child: a pipeline around the resident modules vs a full reload from disk."""
+    from diffusers import StableDiffusionPipeline
+
+    from attn_utils.pipeline import make_pipeline
+    from bench.sd21_configs import bench_tokenizer, build_models
+
+    device = torch.device(job["device"])
+    m = build_models(job["model"], device, job["seed"])
+    tok = bench_tokenizer()
+    args = (tok, m.text_encoder, m.vae, m.unet, m.scheduler.config)
+    resident, reload = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        pipe = make_pipeline(*args)
+        resident.append((time.perf_counter() - t0) * 1e3)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        pipe.save_pretrained(d, safe_serialization=True)
+        save_ms = (time.perf_counter() - t0) * 1e3
+        for _ in range(job["reloads"]):
+            _sync(device)
+            t0 = time.perf_counter()
+            loaded = StableDiffusionPipeline.from_pretrained(d).to(device)
+            _sync(device)
+            reload.append((time.perf_counter() - t0) * 1e3)
+            del loaded
+    return dict(
+        resident_ms=statistics.median(resident), reload_ms=statistics.median(reload),
+        reload_ms_all=reload, save_ms=save_ms, env=env_info(device),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- orchestration (parent side)
+def _child(job: dict) -> dict:
+    """Run one job in a fresh interpreter; an error becomes {'error': ...}, not a crash."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "job.json"
+        path.write_text(json.dumps(job))
+        rc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--_one", str(path)]
+        ).returncode
+        out = path.with_suffix(".out.json")
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"error": f"child process exited with code {rc} and wrote no result"}
+
+
+def child_main(path: Path) -> int:
+    job = json.loads(path.read_text())
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    try:
+        out = run_validation(job) if job["kind"] == "validation" else run_variant(job)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON, the other variants go on
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        out = {"error": f"{type(e).__name__}: {first}"}
+    path.with_suffix(".out.json").write_text(json.dumps(out))
+    return 0
+
+
+def summarise(report: dict) -> None:
+    """Add ratios and the projected recipe time to the report, in place."""
+    rows = {(r["variant"], r["stage"], r["mode"]): r for r in report["results"]}
+    base = report["variants"][0]
+    steps = RECIPES[report["config"]["recipe"]]
+    ratios, projection = [], []
+    measured = {r["variant"] for r in report["results"]}
+    for v in (v for v in report["variants"] if v in measured):  # failed ones: in "errors"
+        for s in report["config"]["stages"]:
+            ours, orig = rows.get((v, s, "ours")), rows.get((v, s, "original"))
+            b, both = rows.get((base, s, "ours")), ours and orig
+            ratios.append(dict(
+                variant=v, stage=s,
+                speedup_vs_original=orig["ms"] / ours["ms"] if both else None,
+                memory_vs_original=ours["peak_mib"] / orig["peak_mib"] if both else None,
+                speedup_vs_baseline=b["ms"] / ours["ms"] if ours and b else None,
+            ))  # fmt: skip
+        for mode in report["config"]["modes"]:
+            got = {s: rows[(v, s, mode)]["ms"] for s in steps if (v, s, mode) in rows}
+            if got:
+                per = {s: ms * steps[s] / 1e3 for s, ms in got.items()}
+                projection.append(dict(
+                    variant=v, mode=mode, recipe_s=sum(per.values()), per_stage_s=per,
+                    complete=len(got) == len(steps),
+                ))  # fmt: skip
+    report["ratios"], report["projection"] = ratios, projection
+
+
+def _f(x: float | None, spec: str = "{:.1f}") -> str:
+    return "n/a" if x is None else spec.format(x)
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables: steps, projected recipe, validation, errors."""
+    c, env = report["config"], report["env"] or {}
+    where = env.get("gpu") or f"{env.get('cpu', '?')}, {env.get('cpu_threads', '?')} threads"
+    metric = next((r["memory_metric"] for r in report["results"]), "n/a")
+    rows = {(r["variant"], r["stage"], r["mode"]): r for r in report["results"]}
+    out = [
+        f"### Training step: {c['model']} shapes, {c['resolution']} px, batch {c['batch_size']}, "
+        f"{c['device']} ({where})",
+        "",
+        f"Median of {c['steps']} timed steps after {c['warmup']} warm-up. Memory: {metric}. "
+        f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
+        f"transformers {env.get('transformers')}. Speedups: reference ms / this ms; "
+        f"baseline = {report['variants'][0]} (ours).",
+        "",
+        "| variant | stage | ours ms/step | original ms/step | speedup vs original "
+        "| ours peak MiB | original peak MiB | speedup vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for q in report["ratios"]:
+        o = rows.get((q["variant"], q["stage"], "ours")) or {}
+        g = rows.get((q["variant"], q["stage"], "original")) or {}
+        out.append(
+            f"| {q['variant']} | {q['stage']} | {_f(o.get('ms'))} | {_f(g.get('ms'))} "
+            f"| {_f(q['speedup_vs_original'], '{:.2f}x')} | {_f(o.get('peak_mib'), '{:.0f}')} "
+            f"| {_f(g.get('peak_mib'), '{:.0f}')} | {_f(q['speedup_vs_baseline'], '{:.2f}x')} |"
+        )
+    steps = "/".join(str(n) for n in c["recipe_steps"].values())
+    out += [
+        "",
+        f"Projected training time of the {c['recipe']} recipe ({steps} steps at batch "
+        f"{c['batch_size']}; median step x steps, summed over stages; no loading or validation):",
+        "",
+        "| variant | mode | stage 1 s | stage 2 s | stage 3 s | recipe s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for pr in report["projection"]:
+        per = [_f(pr["per_stage_s"].get(s)) for s in (1, 2, 3)]
+        total = _f(pr["recipe_s"]) + ("" if pr["complete"] else " (partial)")
+        out.append(f"| {pr['variant']} | {pr['mode']} | {' | '.join(per)} | {total} |")
+    val = report.get("validation")
+    if val and "error" not in val:
+        out += [
+            "",
+            f"Validation pipeline, {c['model']} shapes ({val['validations_in_recipe']} "
+            "validations in the recipe):",
+            "",
+            "| how | ms per validation | recipe total s |",
+            "|---|---:|---:|",
+            f"| resident modules (make_pipeline) | {val['resident_ms']:.1f} "
+            f"| {val['resident_ms'] * val['validations_in_recipe'] / 1e3:.3f} |",
+            f"| reload from disk (from_pretrained + .to(device), page cache warm) "
+            f"| {val['reload_ms']:.1f} | {val['reload_recipe_s']:.1f} |",
+        ]
+    if report.get("pool_ms"):
+        pools = ", ".join(f"{k}: {v:.0f} ms" for k, v in report["pool_ms"].items())
+        out += ["", f"Latent pool build (once per run, not in the projection): {pools}."]
+    errors = report["errors"] + (
+        [{"variant": "validation", **val}] if val and "error" in val else []
+    )
+    out += [""] + [f"- not measured: {e['variant']}: {e['error']}" for e in errors]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--model",
+        choices=["sd21", "small"],
+        default="sd21",
+        help="sd21: SD2.1-base shapes; small: scaled down for CPU smoke runs",
+    )
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--resolution", type=int, default=512, help="pixels (latents are /8)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per stage and mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile: more)")
+    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--modes", default="ours,original")
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="paper",
+        help="step counts for the projection: paper 60/100/500, fast 60/100/200",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g = p.add_argument_group("speed features (one variant; --variants runs several)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    for flag, (_, help_) in FEATURE_FLAGS.items():
+        g.add_argument(f"--{flag}", action="store_true", help=help_)
+    g.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of '+'-joined features, e.g. 'fp32,bf16+tf32+fused_adam' (names: "
+        "fp32|bf16|fp16 and the Variant fields); the first is the 'vs baseline' reference",
+    )
+    p.add_argument(
+        "--validation_reloads",
+        type=int,
+        default=3,
+        help="reloads from disk to time (0: skip the validation comparison)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the table here too")
+    p.add_argument("--_one", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _flag_variant(ns: argparse.Namespace) -> Variant:
+    kw = {field: getattr(ns, flag) for flag, (field, _) in FEATURE_FLAGS.items()}
+    return Variant(precision={"no": "fp32"}.get(ns.mixed_precision, ns.mixed_precision), **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns._one is not None:
+        return child_main(ns._one)
+    try:
+        variants = (
+            [Variant.parse(s) for s in ns.variants.split(",")]
+            if ns.variants
+            else [_flag_variant(ns)]
+        )
+        stages = sorted({int(s) for s in ns.stages.split(",")})
+        modes = [m for m in MODES if m in ns.modes.split(",")]
+    except ValueError as e:
+        p.error(str(e))
+    if not set(stages) <= {1, 2, 3} or not modes or ns.steps < 1 or ns.warmup < 0:
+        p.error("--stages from 1,2,3; --modes from ours,original; --steps >= 1; --warmup >= 0")
+    if ns.resolution % 8 or ns.batch_size < 1:
+        p.error("--resolution: a multiple of 8; --batch_size: >= 1")
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = {k: getattr(ns, k) for k in ("model", "resolution", "batch_size", "steps", "warmup",
+                                          "recipe", "seed", "threads")}  # fmt: skip
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    config.update(device=device, stages=stages, modes=modes, recipe_steps=RECIPES[ns.recipe],
+                  command=f"python bench/bench_train.py {args}")  # fmt: skip
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        p.error(f"--variants: repeated variant in {names}")
+    report = dict(config=config, variants=names, results=[], errors=[], env=None, params=None)
+    for v in variants:
+        out = _child(dict(kind="variant", variant=dataclasses.asdict(v), **config))
+        if "error" in out:
+            report["errors"].append(dict(variant=v.name, error=out["error"]))
+            continue
+        report["results"] += out["results"]
+        report["env"], report["params"] = report["env"] or out["env"], out["params"]
+        if out["pool_ms"] is not None:
+            report.setdefault("pool_ms", {})[v.name] = out["pool_ms"]
+    if ns.validation_reloads > 0:
+        out = _child(dict(kind="validation", reloads=ns.validation_reloads, **config))
+        report["validation"] = out
+        if "error" not in out:
+            out["validations_in_recipe"] = VALIDATIONS[ns.recipe]
+            out["reload_recipe_s"] = out["reload_ms"] * VALIDATIONS[ns.recipe] / 1e3
+    summarise(report)
+    md = markdown(report)
+    if ns.json:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps(report, indent=2))
+    if ns.markdown:
+        ns.markdown.parent.mkdir(parents=True, exist_ok=True)
+        ns.markdown.write_text(md)
+    print(md)
+    return 1 if not report["results"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
