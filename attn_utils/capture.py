@@ -28,11 +28,14 @@ class TokenStats(Controller):
     """Per-layer mean and unbiased variance over heads and pixels of selected token columns.
 
     `columns` (B, K) are token positions per sample: the placeholder(s) then the category.
+    With `merge_last` m > 1, the last m columns (a category's sub-tokens) are averaged into
+    one map before the statistics, so the output has K - m + 1 columns.
     Keyed by layer, so a gradient-checkpointing recompute overwrites instead of appending.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, merge_last: int = 1) -> None:
         self.columns: torch.Tensor | None = None
+        self.merge_last = merge_last
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset(self) -> None:
@@ -46,6 +49,9 @@ class TokenStats(Controller):
             cols = cols.expand(b, -1) if cols.shape[0] == 1 else cols
         idx = cols[:, None, None, :].expand(b, heads, n, cols.shape[1])
         sel = probs.view(b, heads, n, t).gather(-1, idx).float()  # (B, H, N, K)
+        if self.merge_last > 1:
+            m = self.merge_last
+            sel = torch.cat([sel[..., :-m], sel[..., -m:].mean(-1, keepdim=True)], dim=-1)
         sel = sel.reshape(b, heads * n, -1)
         self.stats[layer] = (sel.mean(dim=1), sel.var(dim=1, unbiased=True))  # (B, K) each
 

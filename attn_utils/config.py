@@ -78,6 +78,9 @@ class RunConfig:
     placeholder_token: str = "new_concept"  # tokens new_concept_v0 .. _v{n-1}
     n_object_embedding: int = 1
     instance_prompt: str = "a photo of a {} {category}"  # {} -> placeholder tokens
+    # The regulariser's target for a category of several sub-tokens ("teddy bear"): "first"
+    # is the original's (its first sub-token); "all" averages the maps of all its sub-tokens.
+    reg_category_target: str = "first"
     validation_prompt: str | None = None  # same convention as instance_prompt
     num_validation_images: int = 4
     validation_inference_steps: int = 25
@@ -186,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 'a photo of a {} <category>')",
     )
     p.add_argument("--validation_prompt", default=None, help="same convention as --instance_prompt")
+    p.add_argument(
+        "--reg_category_target",
+        choices=["first", "all"],
+        default="first",
+        help="regularisation target of a multi-token category: its first sub-token (the "
+        "original's, default) or the mean map of all its sub-tokens",
+    )
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_inference_steps", type=int, default=25)
     p.add_argument("--stages", default="1,2,3", help="subset to run, e.g. '2,3'")
@@ -275,6 +285,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         placeholder_token=ns.placeholder_token,
         n_object_embedding=ns.n_object_embedding,
         instance_prompt=prompt,
+        reg_category_target=ns.reg_category_target,
         validation_prompt=ns.validation_prompt,
         num_validation_images=ns.num_validation_images,
         validation_inference_steps=ns.validation_inference_steps,

@@ -1,4 +1,5 @@
-"""Run-time pieces the step loop delegates to: stop requests, the optimiser, fingerprints."""
+"""Run-time pieces the step loop delegates to: stop requests, the optimiser, fingerprints,
+and the few numbers all processes must agree on (finiteness, stop requests, checksums)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, w
         tokens=cfg.placeholder_tokens,
         category=cfg.category,
         prompt=cfg.instance_prompt,
+        reg_category_target=cfg.reg_category_target,
         resolution=cfg.resolution,
         center_crop=cfg.center_crop,
         repeats=cfg.repeats,
@@ -106,3 +108,53 @@ def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, w
         mixed_precision=cfg.mixed_precision,
     )
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """Is `value` finite on every process?"""
+    ok = torch.isfinite(value.detach()).all().float().reshape(1)
+    if _world() > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Total 2-norm of the gradients (one number: NaN or inf if any gradient is)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+def stop_requested(stop: StopRequest, device: torch.device) -> bool:
+    """Has any process been signalled? Every process then records the signal."""
+    flag = torch.tensor([float(stop.signum or 0)], device=device)
+    if _world() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() and stop.signum is None:
+        stop.signum = int(flag.item())
+    return bool(flag.item())
+
+
+def rank_checksums(params: list[torch.nn.Parameter], device: torch.device) -> list[list[float]]:
+    """Per-process (sum, sum of squares) of the trained weights; raise if processes differ."""
+    local = torch.stack(
+        [
+            sum(p.detach().double().sum() for p in params),
+            sum(p.detach().double().square().sum() for p in params),
+        ]
+    ).to(device)
+    world = _world()
+    if world == 1:
+        return [local.tolist()]
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local)
+    sums = [g.tolist() for g in gathered]
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"trained weights differ between processes: {sums}")
+    return sums

@@ -18,7 +18,16 @@ from .data import InstanceDataset, StepBatches, data_fingerprint, load_instance_
 from .latents import LatentPool, PoolIndices
 from .models import library_versions, load_base_model, model_fingerprint
 from .pipeline import render_validation
-from .runtime import StopRequest, TrainingStopped, build_optimizer, stage_fingerprint
+from .runtime import (
+    StopRequest,
+    TrainingStopped,
+    all_finite,
+    build_optimizer,
+    grad_norm,
+    rank_checksums,
+    stage_fingerprint,
+    stop_requested,
+)
 from .stages import (
     finish_trainable,
     load_stage_result,
@@ -27,7 +36,7 @@ from .stages import (
     select_trainable,
 )
 from .step import denoise_losses, encode_latents
-from .tokens import add_placeholder_tokens, fill_prompt, prompt_positions
+from .tokens import add_placeholder_tokens, category_token_ids, fill_prompt, prompt_positions
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,11 @@ class Trainer:
         self.input_ids, s, c = prompt_positions(
             self.tokenizer, prompt, self.token_ids, cfg.category
         )
-        self.columns = torch.tensor([list(range(s, s + len(self.token_ids))) + [c]])  # (1, k+1)
+        # the category's columns: its first sub-token (the original's), or all of them
+        n_cat = len(category_token_ids(self.tokenizer, cfg.category))
+        self.n_cat = n_cat if cfg.reg_category_target == "all" else 1
+        cat_cols = list(range(c, c + self.n_cat))
+        self.columns = torch.tensor([list(range(s, s + len(self.token_ids))) + cat_cols])
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self._place_models()
 
@@ -174,7 +187,7 @@ class Trainer:
         if stage not in cfg.run_stages:
             raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
         self.train_stage(cfg.stage(stage), resume)
-        if stage < max(cfg.run_stages) and self._stop_requested(self.stop):
+        if stage < max(cfg.run_stages) and stop_requested(self.stop, self.device):
             raise TrainingStopped(
                 f"stopped by signal after stage {stage} completed "
                 f"({ck.stage_dir(self.run_dir, stage)}); launch the same command again to run "
@@ -214,8 +227,8 @@ class Trainer:
             num_workers=cfg.dataloader_num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        stats = TokenStats()
-        stats.columns = self.columns
+        stats = TokenStats(merge_last=self.n_cat)
+        stats.columns = self.columns  # (1, k + n_cat)
         bar = tqdm(
             total=sc.train_steps,
             initial=start,
@@ -243,7 +256,7 @@ class Trainer:
                         text = self.text_encoder(self.input_ids)[0] if k == 1 else cached
                         mse, reg = self._losses(ddp_unet, pixels, text, gen, stats, sc)
                         loss = (mse + reg) / ga
-                    if not self._all_finite(loss):
+                    if not all_finite(loss):
                         raise TrainingStopped(self._nan_message(k, step, "loss"), 3)
                     scaler.scale(loss).backward()
                 acc_loss += mse.item() / ga
@@ -267,14 +280,14 @@ class Trainer:
                     self._checkpoint(k, step, params, optimizer, scaler)
                 if sc.validation_steps and step % sc.validation_steps == 0:
                     self._validate(k, step, stats)
-                if self._stop_requested(stop):
+                if stop_requested(stop, self.device):
                     path = self._checkpoint(k, step, params, optimizer, scaler)
                     raise TrainingStopped(
                         f"stopped by signal at stage {k} step {step}; checkpoint {path}; "
                         "continue with --resume_from_checkpoint latest",
                         128 + stop.signum,
                     )
-        checksums = self._rank_checksums(plist)
+        checksums = rank_checksums(plist, self.device)
         if cfg.validation_prompt and sc.validation_steps:
             self._validate(k, step, stats)
         finish_trainable(k, params, self.text_encoder)
@@ -304,7 +317,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm)
         # Under fp16 the GradScaler skips overflowing steps itself; elsewhere a NaN gradient
         # under a finite loss would poison the weights and every later checkpoint.
-        if not scaler.is_enabled() and not self._all_finite(_grad_norm(plist)):
+        if not scaler.is_enabled() and not all_finite(grad_norm(plist)):
             optimizer.zero_grad(set_to_none=True)
             return False
         scaler.step(optimizer)
@@ -313,21 +326,6 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ helpers
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        """Is `value` finite on every process?"""
-        ok = torch.isfinite(value.detach()).all().float().reshape(1)
-        if self.acc.num_processes > 1:
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        return bool(ok.item())
-
-    def _stop_requested(self, stop: StopRequest) -> bool:
-        flag = torch.tensor([float(stop.signum or 0)], device=self.device)
-        if self.acc.num_processes > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and stop.signum is None:
-            stop.signum = int(flag.item())
-        return bool(flag.item())
-
     def _nan_message(self, k: int, step: int, what: str) -> str:
         found = ck.list_checkpoints(self.run_dir)
         last = str(found[-1]) if found else "none (no checkpoint written yet)"
@@ -336,23 +334,6 @@ class Trainer:
             f"Last good checkpoint: {last}. Try a lower learning rate or "
             "--mixed_precision no"
         )
-
-    def _rank_checksums(self, plist) -> list[list[float]]:
-        """Per-process (sum, sum of squares) of the trained weights; raise if ranks differ."""
-        local = torch.stack(
-            [
-                sum(p.detach().double().sum() for p in plist),
-                sum(p.detach().double().square().sum() for p in plist),
-            ]
-        ).to(self.device)
-        if self.acc.num_processes == 1:
-            return [local.tolist()]
-        gathered = [torch.zeros_like(local) for _ in range(self.acc.num_processes)]
-        torch.distributed.all_gather(gathered, local)
-        sums = [g.tolist() for g in gathered]
-        if any(s != sums[0] for s in sums):
-            raise RuntimeError(f"trained weights differ between processes: {sums}")
-        return sums
 
     def _checkpoint(self, k, step, params, optimizer, scaler) -> Path | None:
         path = None
@@ -421,11 +402,3 @@ class Trainer:
                 if old.name.startswith(f"checkpoint-s{k}-"):
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
-
-
-def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Total 2-norm of the gradients (one number: NaN or inf if any gradient is)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())

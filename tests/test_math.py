@@ -86,6 +86,33 @@ def test_regulariser_matches_slow_reference(k):
     assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-12)
 
 
+def test_all_category_sub_tokens_target_their_mean_map():
+    """--reg_category_target all: the category's map is the mean of its sub-tokens' maps."""
+    unet = tiny_unet()
+    x, t, ehs = _inputs()
+    s, k, m = [3, 5], 1, 2  # one placeholder, a category of two sub-tokens
+    c = [si + k for si in s]
+    ref = KeepProbs()
+    with torch.no_grad(), capture_cross_attention(unet, ref):
+        unet(x, t, ehs)
+    merged = []
+    for P in ref.maps.values():  # (B, H, N, T): write the mean map into column c_b
+        P = P.clone()
+        for b in range(P.shape[0]):
+            P[b, :, :, c[b]] = sum(P[b, :, :, c[b] + j] for j in range(m)) / m
+        merged.append(P)
+    expected = slow_reg(merged, s, k, c, 2.0, 5.0)
+    stats = TokenStats(merge_last=m)
+    stats.columns = torch.tensor([[si, si + 1, si + 2] for si in s])  # placeholder, 2 sub-tokens
+    with torch.no_grad(), capture_cross_attention(unet, stats):
+        unet(x, t, ehs)
+    assert all(v[0].shape == (2, 2) for v in stats.stats.values())  # (B, k + 1)
+    got = attention_reg_loss(list(stats.stats.values()), k, 2.0, 5.0)
+    assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-12)
+    first = slow_reg(list(ref.maps.values()), s, k, c, 2.0, 5.0)
+    assert abs(first - expected) > 1e-6 * abs(expected)  # the option changes the target
+
+
 def test_regulariser_sums_over_batch_and_has_gradient_to_category():
     mean = torch.tensor([[0.2, 0.1], [0.4, 0.1]], requires_grad=True)
     var = torch.zeros(2, 2)

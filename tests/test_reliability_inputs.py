@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -277,6 +278,18 @@ def test_multi_token_category_trains_and_targets_its_first_sub_token(
     assert run_train(argv) == 0
     saved = load_file(str(tmp_path / "w" / "stage_1" / "learned_embeds.safetensors"))
     assert sorted(saved) == tokens
+    # the documented alternative: the mean map of all the category's sub-tokens
+    argv[argv.index(str(tmp_path / "w"))] = str(tmp_path / "w_all")
+    assert run_train([*argv, "--reg_category_target", "all"]) == 0
+    info = json.loads((tmp_path / "w_all" / "stage_1" / "stage_info.json").read_text())
+    assert (
+        info["fingerprint"]
+        != json.loads((tmp_path / "w" / "stage_1" / "stage_info.json").read_text())["fingerprint"]
+    )
+    assert (
+        json.loads((tmp_path / "w_all" / "run_config.json").read_text())["reg_category_target"]
+        == "all"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +363,6 @@ def test_embedding_files_load_or_name_the_file(tmp_path):
 def test_bad_stage1_file_stops_stages_2_3_naming_it(
     run_train, capsys, tmp_path, tiny_model, concept, stage1_run, bad
 ):
-    """'wrong_dim' depends on the stages.py diff (load_embeddings(..., dim=...))."""
     out = tmp_path / "run"
     shutil.copytree(stage1_run, out)
     f = out / "stage_1" / "learned_embeds.safetensors"
