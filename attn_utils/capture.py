@@ -115,7 +115,11 @@ def cross_attention_layers(unet) -> list[str]:
 
 @contextlib.contextmanager
 def capture_cross_attention(unet, controller: Controller) -> Iterator[list[str]]:
-    """Install capture processors on attn2 layers only; restore the previous ones on exit."""
+    """Install capture processors on attn2 layers only; restore the previous ones on exit.
+
+    With gradient checkpointing the backward pass reruns the forward: call backward inside
+    this context, or the recomputation takes the fused path and torch refuses it.
+    """
     previous = dict(unet.attn_processors)
     layers = cross_attention_layers(unet)
     if not layers:

@@ -25,6 +25,16 @@ if TYPE_CHECKING:
 
 TINY_RESOLUTION = 128
 TINY_CATEGORY = "sloth"
+# Stable Diffusion's DDPM training schedule (SPEC.md), shared with the SD2.1-shape benchmark.
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+)
 
 # Whole words that become single tokens, so prompts like "a photo of a sloth" tokenise as in SD.
 _WORDS = (
@@ -156,15 +166,7 @@ def _build_into(path: Path, seed: int) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+    scheduler = DDPMScheduler(**SD_SCHEDULER)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

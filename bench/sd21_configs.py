@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from attn_utils.tiny import SD_SCHEDULER
+
 CLIP_VOCAB = 49408  # CLIP's BPE vocabulary; the placeholder token is appended as row 49408
 MAX_POSITIONS = 77
 
@@ -61,15 +63,7 @@ VAE_SD21 = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-SCHEDULER_SD21 = dict(
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-)
+SCHEDULER_SD21 = SD_SCHEDULER
 
 # Scaled down for CPU smoke runs: same block types and depth of levels, tiny widths.
 UNET_SMALL = {
