@@ -237,7 +237,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         step, acc_loss, acc_reg = start, 0.0, 0.0
-        stop = self.stop
         # closed on every exit, so an error message starts on a line of its own
         with contextlib.closing(bar), capture_cross_attention(self.unet, stats):
             for micro, pixels in enumerate(loader, start=start * ga):
@@ -280,12 +279,12 @@ class Trainer:
                     self._checkpoint(k, step, params, optimizer, scaler)
                 if sc.validation_steps and step % sc.validation_steps == 0:
                     self._validate(k, step, stats)
-                if stop_requested(stop, self.device):
+                if stop_requested(self.stop, self.device):
                     path = self._checkpoint(k, step, params, optimizer, scaler)
                     raise TrainingStopped(
                         f"stopped by signal at stage {k} step {step}; checkpoint {path}; "
                         "continue with --resume_from_checkpoint latest",
-                        128 + stop.signum,
+                        128 + self.stop.signum,
                     )
         checksums = rank_checksums(plist, self.device)
         if cfg.validation_prompt and sc.validation_steps:
@@ -314,12 +313,15 @@ class Trainer:
             g.div_(self.acc.num_processes)
         if self.cfg.max_grad_norm:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm)  # pre-clip
+        else:
+            norm = None
         # Under fp16 the GradScaler skips overflowing steps itself; elsewhere a NaN gradient
         # under a finite loss would poison the weights and every later checkpoint.
-        if not scaler.is_enabled() and not all_finite(grad_norm(plist)):
-            optimizer.zero_grad(set_to_none=True)
-            return False
+        if not scaler.is_enabled():
+            if not all_finite(grad_norm(plist) if norm is None else norm):
+                optimizer.zero_grad(set_to_none=True)
+                return False
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

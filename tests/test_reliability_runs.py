@@ -263,10 +263,13 @@ def test_diverging_learning_rate_stops_with_exit_3(
     assert ck.list_checkpoints(out) and not (out / "stage_1").exists()
 
 
-def test_nan_gradient_is_never_checkpointed(run_train, monkeypatch, tmp_path, tiny_model, concept):
+@pytest.mark.parametrize("clip", [[], ["--max_grad_norm", "1.0"]], ids=["plain", "clipped"])
+def test_nan_gradient_is_never_checkpointed(
+    run_train, monkeypatch, tmp_path, tiny_model, concept, clip
+):
     out = tmp_path / "run"
     argv = train_argv(tiny_model, concept, out, "--stages", "1", "--ti_train_steps", "6",
-                      "--ti_checkpointing_steps", "1")  # fmt: skip
+                      "--ti_checkpointing_steps", "1", *clip)  # fmt: skip
     # sqrt'(0) = inf times d|x|/dx(0) = 0: a NaN gradient under a finite loss
     poison = lambda mse, reg: (mse + torch.sqrt((mse - mse.detach()).abs()), reg)
     with monkeypatch.context() as m:
