@@ -140,3 +140,17 @@ def prompt_positions(
             "(its first sub-token is the regularisation target)"
         )
     return ids, s, c
+
+
+def regularisation_columns(
+    tokenizer, prompt: str, placeholder_ids: list[int], category: str, all_sub_tokens: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (1, 77), columns (1, k + m)) of the training prompt.
+
+    The columns are the k placeholder positions, then the category's first sub-token (m = 1,
+    the original's target) or all m of its sub-tokens (--reg_category_target all); they are
+    contiguous because prompt_positions checks that the category follows the placeholders.
+    """
+    ids, s, _ = prompt_positions(tokenizer, prompt, placeholder_ids, category)
+    m = len(category_token_ids(tokenizer, category)) if all_sub_tokens else 1
+    return ids, torch.arange(s, s + len(placeholder_ids) + m).unsqueeze(0)

@@ -36,7 +36,7 @@ from .stages import (
     select_trainable,
 )
 from .step import denoise_losses, encode_latents
-from .tokens import add_placeholder_tokens, category_token_ids, fill_prompt, prompt_positions
+from .tokens import add_placeholder_tokens, fill_prompt, regularisation_columns
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,9 @@ class Trainer:
             self.tokenizer, self.text_encoder, cfg.placeholder_tokens, cfg.category
         )
         prompt = fill_prompt(cfg.instance_prompt, cfg.placeholder_tokens)
-        self.input_ids, s, c = prompt_positions(
-            self.tokenizer, prompt, self.token_ids, cfg.category
+        self.input_ids, self.columns = regularisation_columns(
+            self.tokenizer, prompt, self.token_ids, cfg.category, cfg.reg_category_target == "all"
         )
-        # the category's columns: its first sub-token (the original's), or all of them
-        n_cat = len(category_token_ids(self.tokenizer, cfg.category))
-        self.n_cat = n_cat if cfg.reg_category_target == "all" else 1
-        cat_cols = list(range(c, c + self.n_cat))
-        self.columns = torch.tensor([list(range(s, s + len(self.token_ids))) + cat_cols])
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self._place_models()
 
@@ -227,8 +222,8 @@ class Trainer:
             num_workers=cfg.dataloader_num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        stats = TokenStats(merge_last=self.n_cat)
-        stats.columns = self.columns  # (1, k + n_cat)
+        stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
+        stats.columns = self.columns  # (1, k + category columns)
         bar = tqdm(
             total=sc.train_steps,
             initial=start,

@@ -262,14 +262,22 @@ def test_multi_token_category_trains_and_targets_its_first_sub_token(
 ):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from attn_utils.tokens import add_placeholder_tokens, fill_prompt, prompt_positions
+    from attn_utils.tokens import (
+        add_placeholder_tokens,
+        fill_prompt,
+        prompt_positions,
+        regularisation_columns,
+    )
 
     tok = CLIPTokenizer.from_pretrained(str(tiny_model), subfolder="tokenizer")
     enc = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder")
     tokens = ["new_concept_v0", "new_concept_v1"]
     ids = add_placeholder_tokens(tok, enc, tokens, "wombat")  # "wom" + "bat"
-    row, s, c = prompt_positions(tok, fill_prompt("a photo of a {} wombat", tokens), ids, "wombat")
+    prompt = fill_prompt("a photo of a {} wombat", tokens)
+    row, s, c = prompt_positions(tok, prompt, ids, "wombat")
     assert c == s + 2 and tok.convert_ids_to_tokens(int(row[0, c])) == "wom"
+    for every, cols in ((False, [s, s + 1, c]), (True, [s, s + 1, c, c + 1])):
+        assert regularisation_columns(tok, prompt, ids, "wombat", every)[1].tolist() == [cols]
     table = enc.get_input_embeddings().weight
     wom, bat = tok.convert_tokens_to_ids(["wom", "bat</w>"])
     assert torch.equal(table[ids[0]], table[wom]) and torch.equal(table[ids[1]], table[bat])
