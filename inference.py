@@ -15,7 +15,7 @@ import logging
 import secrets
 import sys
 
-from attn_utils.config import ConfigError
+from attn_utils.config import ConfigError, first_line
 
 # --infer_scheduler: our short names, and the authors' diffusers class names
 SCHEDULERS = {"dpm": "dpm", "dpmsolver": "dpm", "dpmsolvermultistepscheduler": "dpm"}
@@ -154,7 +154,7 @@ def pick_device(name: str, dtype: str):
         device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ConfigError(f"--device {name}: not usable here ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"--device {name}: not usable here ({first_line(e)})") from None
     dt = DTYPES[dtype.lower()]
     if dt == "auto":
         dt = "fp16" if device.type == "cuda" else "fp32"

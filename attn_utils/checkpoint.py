@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 
 CKPT_RE = re.compile(r"^checkpoint-s([123])-(\d+)$")
 CKPT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
@@ -138,11 +138,6 @@ def file_kind(path: Path) -> str:
     return "unknown"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 def _load_tensor_pickle(path: Path):
     """torch.load restricted to tensors and plain containers: pickled code is refused."""
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
@@ -182,7 +177,7 @@ def load_embeddings(path: str | Path, dim: int | None = None) -> dict[str, torch
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise ConfigError(f"{path}: not a readable embedding file ({_first_line(e)})") from None
+        raise ConfigError(f"{path}: not a readable embedding file ({first_line(e, 200)})") from None
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
         data = {"*": data["string_to_param"].get("*")}  # A1111-style textual-inversion file
     if not isinstance(data, dict) or not data:
@@ -221,7 +216,8 @@ def stage_info(run_dir: Path, stage: int) -> dict | None:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"{p}: unreadable ({_first_line(e)}); delete {p.parent} to train stage {stage} again"
+            f"{p}: unreadable ({first_line(e, 200)}); "
+            f"delete {p.parent} to train stage {stage} again"
         ) from None
 
 
@@ -293,8 +289,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
                                    state["optimizer"])  # fmt: skip
     except Exception as e:  # noqa: BLE001 - whatever is wrong, the checkpoint is unusable
         raise ConfigError(
-            f"--resume_from_checkpoint: {path} is not a readable checkpoint ({_first_line(e)}); "
-            "only safetensors and JSON are read"
+            f"--resume_from_checkpoint: {path} is not a readable checkpoint "
+            f"({first_line(e, 200)}); only safetensors and JSON are read"
         ) from None
     return state, trainable, opt
 

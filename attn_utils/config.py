@@ -17,6 +17,13 @@ class ConfigError(ValueError):
     """A bad flag or flag combination; the message names the flag."""
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception's message cut to its first line (and `limit` characters), for one-line
+    errors; the exception's type name when the message is empty."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 @dataclass
 class StageConfig:
     """One stage of the recipe (SPEC.md table)."""

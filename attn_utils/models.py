@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 
 
 @dataclass
@@ -61,11 +61,6 @@ def _load_parts(name_or_path: str, unet_path, kw: dict) -> BaseModel:
     return BaseModel(tokenizer, text_encoder, vae, unet, sched)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def load_base_model(
     name_or_path: str,
     revision: str | None = None,
@@ -87,7 +82,7 @@ def load_base_model(
         if kw["local_files_only"]:
             raise ConfigError(
                 f"--pretrained_model_name_or_path: cannot load {name_or_path!r}: not a complete "
-                f"local diffusers folder or cached model ({_first_line(cached_error)})"
+                f"local diffusers folder or cached model ({first_line(cached_error)})"
             ) from None
         if not hub_reachable():
             raise ConfigError(
@@ -99,7 +94,7 @@ def load_base_model(
         except errors as e:
             raise ConfigError(
                 f"--pretrained_model_name_or_path: cannot load {name_or_path!r} from the Hub "
-                f"({_first_line(e)})"
+                f"({first_line(e)})"
             ) from None
     for part in (m.text_encoder, m.vae, m.unet):  # frozen unless a stage unfreezes its own part
         part.requires_grad_(False)

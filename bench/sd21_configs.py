@@ -63,7 +63,6 @@ VAE_SD21 = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-SCHEDULER_SD21 = SD_SCHEDULER
 
 # Scaled down for CPU smoke runs: same block types and depth of levels, tiny widths.
 UNET_SMALL = {
@@ -131,7 +130,7 @@ def build_models(name: str, device: torch.device | str = "cpu", seed: int = 0) -
     for m in (unet, text_encoder, vae):
         m.requires_grad_(False)
     return BenchModels(
-        unet, text_encoder.eval(), vae.eval(), DDPMScheduler(**SCHEDULER_SD21), ids, [CLIP_VOCAB],
+        unet, text_encoder.eval(), vae.eval(), DDPMScheduler(**SD_SCHEDULER), ids, [CLIP_VOCAB],
         columns,
     )  # fmt: skip
 
