@@ -68,3 +68,14 @@ def run_train():
     import train_attndreambooth
 
     return lambda argv: train_attndreambooth.main(argv)
+
+
+def cli_error(run_train, capsys, argv: list[str], code: int = 2) -> tuple[str, str]:
+    """Run the CLI; assert exit `code`, no traceback and one 'error:' line; (line, stderr)."""
+    capsys.readouterr()
+    assert run_train(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0], err

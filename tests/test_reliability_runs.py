@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, train_argv
+from conftest import ROOT, cli_error, train_argv
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -208,13 +208,9 @@ def test_resume_with_a_different_fingerprint_is_refused(
     extra = extra.get(change, [])
     argv = train_argv(model, data, out, "--stages", "1", "--resume_from_checkpoint", "latest",
                       *extra)  # fmt: skip
-    capsys.readouterr()
-    assert run_train(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err
-    assert lines[0].startswith(f"error: --resume_from_checkpoint: {ckpt}")
-    assert "different" in lines[0]
+    line, _ = cli_error(run_train, capsys, argv)
+    assert line.startswith(f"error: --resume_from_checkpoint: {ckpt}")
+    assert "different" in line
     assert ck.list_checkpoints(out) == [out / "checkpoints" / ckpt.name]  # left untouched
 
 
@@ -383,10 +379,7 @@ def test_full_disk_is_one_line_and_exit_4(run_train, capsys, monkeypatch, tmp_pa
                                           concept):  # fmt: skip
     out = tmp_path / "run"
     argv = train_argv(tiny_model, concept, out, "--stages", "1", "--ti_checkpointing_steps", "1")
-    capsys.readouterr()
     with monkeypatch.context() as m:
         fail_nth(m, ck, "save_file", 3, ENOSPC)
-        assert run_train(argv) == 4
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in err
+        line, _ = cli_error(run_train, capsys, argv, code=4)
+    assert "No space left on device" in line
