@@ -37,11 +37,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-# Paper step counts (SPEC.md); "fast" is the paper's fast stage 3. Validations per recipe:
-# steps // validate_every, i.e. 60//30 + 100//50 + 500//100 (fast: 200//100).
-RECIPES = {"paper": {1: 60, 2: 100, 3: 500}, "fast": {1: 60, 2: 100, 3: 200}}
-VALIDATIONS = {"paper": 9, "fast": 6}
-MODES = ("ours", "original")
+from bench.modes import MODES, RECIPES, VALIDATIONS, StageRun, Variant, place  # noqa: E402
+from bench.report import markdown, summarise  # noqa: E402
+
 # CLI flag -> (Variant field, help). The trainer's flag names where it has one.
 FEATURE_FLAGS = {
     "tf32": ("tf32", "TF32 matmuls and convolutions (CUDA only)"),
@@ -53,186 +51,6 @@ FEATURE_FLAGS = {
     "cache_latents": ("cache_latents", "latents from a pre-encoded pool: no VAE in the step"),
     "no_text_cache": ("no_text_cache", "ours with the text encoder on B copies every step"),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One configuration of speed features; its name is its '+'-joined feature list."""
-
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay fp32)
-    tf32: bool = False
-    fused_adam: bool = False
-    adam8bit: bool = False
-    grad_ckpt: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    cache_latents: bool = False
-    no_text_cache: bool = False  # ours with the text encoder on B copies every step
-
-    @property
-    def name(self) -> str:
-        flags = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is True]
-        return "+".join([self.precision] + flags)
-
-    @classmethod
-    def parse(cls, spec: str) -> Variant:
-        kw: dict = {}
-        for tok in filter(None, spec.strip().split("+")):
-            if tok in ("fp32", "bf16", "fp16"):
-                if "precision" in kw:
-                    raise ValueError(f"variant {spec!r}: more than one precision")
-                kw["precision"] = tok
-            elif tok in {f.name for f in dataclasses.fields(cls)} - {"precision"}:
-                kw[tok] = True
-            else:
-                names = ", ".join(f.name for f in dataclasses.fields(cls)[1:])
-                raise ValueError(
-                    f"variant {spec!r}: unknown feature {tok!r} (fp32|bf16|fp16, {names})"
-                )
-        if kw.get("fused_adam") and kw.get("adam8bit"):
-            raise ValueError(f"variant {spec!r}: fused_adam and adam8bit are two optimisers")
-        return cls(**kw)
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-
-# ---------------------------------------------------------------- the original's attention
-@contextlib.contextmanager
-def original_attention(unet, controller):
-    """The original's hook: explicit softmax probabilities in EVERY attention layer.
-
-    Self-attention (attn1) loses the fused kernel: diffusers' classic AttnProcessor saves its
-    (B*H, N, N) probabilities for backward. Cross-attention maps go to the controller
-    through the library's capture, whose fallback is now that same explicit processor.
-    """
-    from diffusers.models.attention_processor import AttnProcessor
-
-    from attn_utils.capture import capture_cross_attention
-
-    previous = dict(unet.attn_processors)
-    unet.set_attn_processor({k: AttnProcessor() for k in previous})
-    try:
-        with capture_cross_attention(unet, controller):
-            yield
-    finally:
-        unet.set_attn_processor(previous)
-
-
-# ---------------------------------------------------------------- one stage in one mode
-class StageRun:
-    """A stage's trainable set, optimiser and step on resident models, in one mode.
-
-    `with StageRun(...) as run: run.step(i)`; leaving it restores processors and freezes.
-    """
-
-    def __init__(self, m, stage: int, mode: str, v: Variant, pixels, pool=None) -> None:
-        from attn_utils.capture import TokenStats
-        from attn_utils.config import PAPER_STAGES, RunConfig, StageConfig
-        from attn_utils.runtime import build_optimizer
-        from attn_utils.stages import select_trainable
-
-        self.m, self.stage, self.mode, self.v = m, stage, mode, v
-        self.pixels, self.pool = pixels, pool  # (B, 3, R, R) in [-1, 1]; LatentPool or None
-        self.device = pixels.device
-        b = pixels.shape[0]
-        self.sc = StageConfig(index=stage, **{**PAPER_STAGES[stage], "batch_size": b})
-        self.stats = TokenStats()
-        self.stats.columns = m.columns
-        self.keep = None  # original stage 1: rows of the table to restore after each step
-        if mode == "original" and stage == 1:
-            table = m.text_encoder.get_input_embeddings().weight
-            for p in list(m.unet.parameters()) + list(m.text_encoder.parameters()):
-                p.requires_grad_(False)
-            table.requires_grad_(True)
-            self.keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
-            self.keep[m.token_ids] = False
-            self.frozen_rows = table.detach().clone()
-            self.params, plist = None, [table]
-        else:
-            self.params = select_trainable(stage, m.unet, m.text_encoder, m.token_ids)
-            plist = list(self.params.named.values())
-        self.n_trainable = sum(p.numel() for p in plist)
-        run_cfg = RunConfig(
-            "random", "-", "-", "-", use_8bit_adam=v.adam8bit, fused_adam=v.fused_adam
-        )
-        self.optimizer = build_optimizer(plist, self.sc, run_cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=v.precision == "fp16")
-        self.cached = None
-        t0 = time.perf_counter()
-        if mode == "ours" and stage >= 2 and not v.no_text_cache:
-            with (
-                torch.no_grad(),
-                self.autocast(self.v, self.device),
-            ):  # frozen encoder, fixed prompt: once
-                self.cached = m.text_encoder(m.input_ids.to(self.device))[0].float()
-        self.setup_ms = (time.perf_counter() - t0) * 1e3
-
-    @staticmethod
-    def autocast(v: Variant, device: torch.device):
-        dt = v.autocast_dtype
-        return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
-
-    def __enter__(self) -> StageRun:
-        from attn_utils.capture import capture_cross_attention
-
-        self._ctx = contextlib.ExitStack()
-        if self.mode == "ours":
-            self._ctx.enter_context(capture_cross_attention(self.m.unet, self.stats))
-        else:
-            self._ctx.enter_context(original_attention(self.m.unet, self.stats))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from attn_utils.stages import finish_trainable
-
-        self._ctx.close()
-        if self.params is not None:
-            finish_trainable(self.stage, self.params, self.m.text_encoder)
-        for p in self.m.text_encoder.parameters():
-            p.requires_grad_(False)
-        self.optimizer = None
-
-    def text(self) -> torch.Tensor:
-        """(1 or B, 77, D) text states, the way this mode gets them."""
-        if self.cached is not None:
-            return self.cached
-        ids = self.m.input_ids.to(self.device)
-        if self.mode == "original" or self.v.no_text_cache:
-            ids = ids.expand(len(self.pixels), -1)  # B copies of one fixed prompt
-        return self.m.text_encoder(ids)[0]
-
-    def losses(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        from attn_utils.step import denoise_losses, encode_latents
-
-        if self.pool is not None:
-            idx = torch.arange(len(self.pixels)) % len(self.pool)
-            latents = self.pool.sample(idx, gen) * self.m.vae.config.scaling_factor
-        else:
-            latents = encode_latents(self.m.vae, self.pixels, gen)
-        sc = self.sc
-        return denoise_losses(
-            self.m.unet, self.m.scheduler, latents, self.text(), gen, self.stats,
-            len(self.m.token_ids), sc.reg_mean_weight, sc.reg_var_weight, 0.0,
-            self.v.channels_last,
-        )  # fmt: skip
-
-    def step(self, i: int) -> float:
-        """One optimiser step, as the trainer takes it; returns the loss."""
-        gen = torch.Generator(self.device).manual_seed(1000 * self.stage + i)
-        with self.autocast(self.v, self.device):
-            mse, reg = self.losses(gen)
-            loss = mse + reg
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.keep is not None:  # the original's "restore every row but the placeholder"
-            with torch.no_grad():
-                table = self.m.text_encoder.get_input_embeddings().weight
-                table[self.keep] = self.frozen_rows[self.keep]
-        return loss.item()
 
 
 # ---------------------------------------------------------------- measurement (child side)
@@ -293,29 +111,13 @@ def _synthetic_pixels(b: int, res: int, device: torch.device) -> torch.Tensor:
     return (torch.rand(b, 3, res, res, generator=g) * 2 - 1).to(device)  # (B, 3, R, R)
 
 
-def _place(m, v: Variant, device: torch.device) -> None:
-    """What Trainer._place_models does for these features."""
-    if v.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if v.autocast_dtype is not None:
-        m.vae.to(dtype=v.autocast_dtype)
-    if v.channels_last:
-        m.unet.to(memory_format=torch.channels_last)
-    if v.grad_ckpt:
-        m.unet.enable_gradient_checkpointing()
-    m.unet.train(v.grad_ckpt)  # diffusers checkpoints only in train mode
-    if v.compile:
-        m.unet.compile()
-
-
 def run_variant(job: dict) -> dict:
     """Child: build the models once, then time every requested (stage, mode)."""
     from bench.sd21_configs import build_models, count_params
 
     v, device = Variant(**job["variant"]), torch.device(job["device"])
     m = build_models(job["model"], device, job["seed"])
-    _place(m, v, device)
+    place(m, v, device)
     pixels = _synthetic_pixels(job["batch_size"], job["resolution"], device)
     params = {k: count_params(getattr(m, k)) for k in ("unet", "text_encoder", "vae")}
     out = {"env": env_info(device), "pool_ms": None, "results": [], "params": params}
@@ -417,102 +219,6 @@ def child_main(path: Path) -> int:
         out = {"error": f"{type(e).__name__}: {first}"}
     path.with_suffix(".out.json").write_text(json.dumps(out))
     return 0
-
-
-def summarise(report: dict) -> None:
-    """Add ratios and the projected recipe time to the report, in place."""
-    rows = {(r["variant"], r["stage"], r["mode"]): r for r in report["results"]}
-    base = report["variants"][0]
-    steps = RECIPES[report["config"]["recipe"]]
-    ratios, projection = [], []
-    measured = {r["variant"] for r in report["results"]}
-    for v in (v for v in report["variants"] if v in measured):  # failed ones: in "errors"
-        for s in report["config"]["stages"]:
-            ours, orig = rows.get((v, s, "ours")), rows.get((v, s, "original"))
-            b, both = rows.get((base, s, "ours")), ours and orig
-            ratios.append(dict(
-                variant=v, stage=s,
-                speedup_vs_original=orig["ms"] / ours["ms"] if both else None,
-                memory_vs_original=ours["peak_mib"] / orig["peak_mib"] if both else None,
-                speedup_vs_baseline=b["ms"] / ours["ms"] if ours and b else None,
-            ))  # fmt: skip
-        for mode in report["config"]["modes"]:
-            got = {s: rows[(v, s, mode)]["ms"] for s in steps if (v, s, mode) in rows}
-            if got:
-                per = {s: ms * steps[s] / 1e3 for s, ms in got.items()}
-                projection.append(dict(
-                    variant=v, mode=mode, recipe_s=sum(per.values()), per_stage_s=per,
-                    complete=len(got) == len(steps),
-                ))  # fmt: skip
-    report["ratios"], report["projection"] = ratios, projection
-
-
-def _f(x: float | None, spec: str = "{:.1f}") -> str:
-    return "n/a" if x is None else spec.format(x)
-
-
-def markdown(report: dict) -> str:
-    """The report as markdown tables: steps, projected recipe, validation, errors."""
-    c, env = report["config"], report["env"] or {}
-    where = env.get("gpu") or f"{env.get('cpu', '?')}, {env.get('cpu_threads', '?')} threads"
-    metric = next((r["memory_metric"] for r in report["results"]), "n/a")
-    rows = {(r["variant"], r["stage"], r["mode"]): r for r in report["results"]}
-    out = [
-        f"### Training step: {c['model']} shapes, {c['resolution']} px, batch {c['batch_size']}, "
-        f"{c['device']} ({where})",
-        "",
-        f"Median of {c['steps']} timed steps after {c['warmup']} warm-up. Memory: {metric}. "
-        f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
-        f"transformers {env.get('transformers')}. Speedups: reference ms / this ms; "
-        f"baseline = {report['variants'][0]} (ours).",
-        "",
-        "| variant | stage | ours ms/step | original ms/step | speedup vs original "
-        "| ours peak MiB | original peak MiB | speedup vs baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for q in report["ratios"]:
-        o = rows.get((q["variant"], q["stage"], "ours")) or {}
-        g = rows.get((q["variant"], q["stage"], "original")) or {}
-        out.append(
-            f"| {q['variant']} | {q['stage']} | {_f(o.get('ms'))} | {_f(g.get('ms'))} "
-            f"| {_f(q['speedup_vs_original'], '{:.2f}x')} | {_f(o.get('peak_mib'), '{:.0f}')} "
-            f"| {_f(g.get('peak_mib'), '{:.0f}')} | {_f(q['speedup_vs_baseline'], '{:.2f}x')} |"
-        )
-    steps = "/".join(str(n) for n in c["recipe_steps"].values())
-    out += [
-        "",
-        f"Projected training time of the {c['recipe']} recipe ({steps} steps at batch "
-        f"{c['batch_size']}; median step x steps, summed over stages; no loading or validation):",
-        "",
-        "| variant | mode | stage 1 s | stage 2 s | stage 3 s | recipe s |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for pr in report["projection"]:
-        per = [_f(pr["per_stage_s"].get(s)) for s in (1, 2, 3)]
-        total = _f(pr["recipe_s"]) + ("" if pr["complete"] else " (partial)")
-        out.append(f"| {pr['variant']} | {pr['mode']} | {' | '.join(per)} | {total} |")
-    val = report.get("validation")
-    if val and "error" not in val:
-        out += [
-            "",
-            f"Validation pipeline, {c['model']} shapes ({val['validations_in_recipe']} "
-            "validations in the recipe):",
-            "",
-            "| how | ms per validation | recipe total s |",
-            "|---|---:|---:|",
-            f"| resident modules (make_pipeline) | {val['resident_ms']:.1f} "
-            f"| {val['resident_ms'] * val['validations_in_recipe'] / 1e3:.3f} |",
-            f"| reload from disk (from_pretrained + .to(device), page cache warm) "
-            f"| {val['reload_ms']:.1f} | {val['reload_recipe_s']:.1f} |",
-        ]
-    if report.get("pool_ms"):
-        pools = ", ".join(f"{k}: {v:.0f} ms" for k, v in report["pool_ms"].items())
-        out += ["", f"Latent pool build (once per run, not in the projection): {pools}."]
-    errors = report["errors"] + (
-        [{"variant": "validation", **val}] if val and "error" in val else []
-    )
-    out += [""] + [f"- not measured: {e['variant']}: {e['error']}" for e in errors]
-    return "\n".join(out).rstrip() + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_train import RECIPES, StageRun, Variant, _place, original_attention
+from bench.modes import RECIPES, StageRun, Variant, original_attention, place
 from bench.sd21_configs import build_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_cli_refuses_bad_arguments():
 def small():
     torch.manual_seed(0)
     m = build_models("small")
-    _place(m, Variant(), torch.device("cpu"))
+    place(m, Variant(), torch.device("cpu"))
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     return m, pixels
 
