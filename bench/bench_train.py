@@ -2,12 +2,8 @@
 
 Per (variant, stage) it reports the median ms/step after warm-up, peak memory and the
 projected training time of the paper's recipe, for two modes measured in the same run:
-  ours      the library: capture_cross_attention (explicit maps on attn2 only, fused
-            self-attention), text states cached (stages 2-3) or at batch 1 (stage 1),
-            stage 1 trains only the placeholder row(s).
-  original  the original's way: explicit probabilities in EVERY attention layer, the text
-            encoder on B copies of the prompt every step, stage 1 trains the whole embedding
-            table and restores the other rows after each step.
+"ours" (the library) and "original" (the original's attention hook and text handling), as
+bench/modes.py defines them.
 Each variant runs in a child process (global flags such as TF32 and compiled graphs stay
 apart). Data loading is not timed: the pixels are a fixed random batch on the device.
 Run `python bench/bench_train.py --help`; bench/README.md explains the output.
