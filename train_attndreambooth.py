@@ -27,14 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.plan(), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "diffusers", "transformers"):
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     import torch
     from accelerate import Accelerator
 
+    from attn_utils.quiet import third_party_warnings_once
     from attn_utils.runtime import TrainingStopped
     from attn_utils.trainer import Trainer
+
+    third_party_warnings_once()  # after the imports: the libraries install their handlers then
 
     # accelerate recognises a multi-process CPU (gloo) launch only when told it is on the CPU.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .background import BackgroundWriter, HostSnapshot
 from .config import ConfigError, first_line
 
 CKPT_RE = re.compile(r"^checkpoint-s([123])-(\d+)$")
@@ -230,7 +231,7 @@ def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
         for key, val in st.items():
             name = f"{idx}.{key}"
             if isinstance(val, torch.Tensor):
-                tensors[name] = val.detach().cpu().contiguous()
+                tensors[name] = val.detach()  # still on the device: the caller copies
             else:
                 rest["scalars"][name] = val
     return tensors, rest
@@ -247,22 +248,40 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def save_checkpoint(
     run_dir: Path, stage: int, step: int, trainable: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer, extra: dict, total_limit: int | None,
+    snapshot: HostSnapshot | None = None, writer: BackgroundWriter | None = None,
 ) -> Path:  # fmt: skip
-    """Write checkpoints/checkpoint-s<stage>-<step> atomically, then rotate old ones."""
+    """Write checkpoints/checkpoint-s<stage>-<step> atomically, then rotate old ones.
+
+    With `snapshot` and `writer` the tensors are copied to reused host buffers without a
+    device sync and written in the writer's thread; the call returns before the write ends.
+    """
     final = Path(run_dir) / "checkpoints" / f"checkpoint-s{stage}-{step:06d}"
     opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
+    both = {f"w:{k}": v for k, v in trainable.items()}
+    both.update({f"o:{k}": v for k, v in opt_tensors.items()})
+    if snapshot is None:
+        host, ready = {k: v.detach().cpu().contiguous() for k, v in both.items()}, lambda: None
+    else:
+        host, ready = snapshot.take(both)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                  str(tmp / "trainable.safetensors"))  # fmt: skip
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        ready()
+        for prefix, name in (("w:", "trainable"), ("o:", "optimizer")):
+            part = {k[2:]: v for k, v in host.items() if k.startswith(prefix)}
+            save_file(part, str(tmp / f"{name}.safetensors"))
         state = {"stage": stage, "step": step, "optimizer": opt_rest, **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
-    write_dir_atomically(final, write)
-    if total_limit:
-        for old in list_checkpoints(run_dir)[:-total_limit]:
-            remove_dir(old)
+    def job() -> None:
+        write_dir_atomically(final, write)
+        if total_limit:
+            for old in list_checkpoints(run_dir)[:-total_limit]:
+                remove_dir(old)
+
+    if writer is None:
+        job()
+    else:
+        writer.submit(job)
     return final
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 STAGE_NAMES = {1: "ti", 2: "attn", 3: "unet"}  # flag prefixes, as in the authors' launch script
 STAGE_TITLES = {1: "embedding", 2: "cross-attention", 3: "unet"}
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 class ConfigError(ValueError):
@@ -99,11 +100,12 @@ class RunConfig:
     center_crop: bool = False  # the original crops at random
     repeats: int = 100  # each instance image appears this often per epoch
     skip_bad_images: bool = False
-    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; master weights stay fp32)
+    # no | fp16 | bf16 (autocast; master weights stay fp32); None: what accelerate says
+    mixed_precision: str | None = None
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
-    fused_adam: bool = False
+    fused_adam: bool | None = None  # None: fused AdamW wherever torch has the kernel
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -112,10 +114,13 @@ class RunConfig:
     noise_offset: float = 0.0
     enable_xformers_memory_efficient_attention: bool = False
     channels_last: bool = False
-    torch_compile: bool = False
+    torch_compile: str = "none"  # none | unet | blocks (regional)
+    sdpa_backend: str = "auto"  # self-attention kernel: auto | flash | cudnn | efficient | math
+    offload_text_encoder: bool | None = None  # stages 2-3; None: on CUDA
+    logging_steps: int = 10  # losses read from the device (one sync) every N steps
     cache_latents: bool = False  # changes augmentation statistics: opt-in
     cache_latents_variants: int = 16  # augmented copies per image in the pool
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int | None = None  # None: up to 4 on a GPU, 0 on the CPU
     report_to: str = "none"  # none | tensorboard | wandb
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
@@ -212,11 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center_crop", action="store_true")
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--skip_bad_images", action="store_true")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="autocast precision (default: what `accelerate launch` / `accelerate config` set)",
+    )
     p.add_argument("--allow_tf32", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--use_8bit_adam", action="store_true")
-    p.add_argument("--fused_adam", action="store_true", help="fused AdamW kernel (CUDA)")
+    p.add_argument(
+        "--fused_adam",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused AdamW kernel (default: wherever torch has it)",
+    )
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
     p.add_argument(
         "--max_grad_norm",
@@ -227,14 +242,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_offset", type=float, default=0.0)
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--torch_compile", action="store_true")
+    p.add_argument(
+        "--torch_compile",
+        nargs="?",
+        const="unet",
+        default="none",
+        choices=["none", "unet", "blocks"],
+        help="compile the whole U-Net (bare flag) or each transformer/resnet block",
+    )
+    p.add_argument("--sdpa_backend", choices=list(SDPA_BACKENDS), default="auto")
+    p.add_argument(
+        "--offload_text_encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the text encoder on the CPU in stages 2-3 (default: on CUDA)",
+    )
+    p.add_argument("--logging_steps", type=int, default=10, help="read and log losses every N")
     p.add_argument(
         "--cache_latents",
         action="store_true",
         help="train on a pool of pre-encoded augmented latents",
     )
     p.add_argument("--cache_latents_variants", type=int, default=16)
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="default: up to 4 on a GPU, 0 on the CPU",
+    )
     p.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
     p.add_argument(
         "--checkpointing_steps",
@@ -315,6 +350,9 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         enable_xformers_memory_efficient_attention=ns.enable_xformers_memory_efficient_attention,
         channels_last=ns.channels_last,
         torch_compile=ns.torch_compile,
+        sdpa_backend=ns.sdpa_backend,
+        offload_text_encoder=ns.offload_text_encoder,
+        logging_steps=ns.logging_steps,
         cache_latents=ns.cache_latents,
         cache_latents_variants=ns.cache_latents_variants,
         dataloader_num_workers=ns.dataloader_num_workers,
@@ -345,6 +383,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--repeats: must be >= 1")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError("--checkpoints_total_limit: must be >= 1")
+    if cfg.logging_steps < 1:
+        raise ConfigError("--logging_steps: must be >= 1")
+    if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
+        raise ConfigError("--dataloader_num_workers: must be >= 0")
     if cfg.use_8bit_adam and cfg.fused_adam:
         raise ConfigError("--use_8bit_adam and --fused_adam: choose one optimiser")
     if cfg.cache_latents and cfg.cache_latents_variants < 1:

@@ -64,9 +64,11 @@ class HeatmapController(Controller):
         latent_hw: tuple[int, int],
         guided: bool,
         seq_len: int = 77,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.names = list(columns)
-        self.select = torch.zeros(seq_len, len(columns))  # (T, G): 1 where a group's token is
+        # (T, G): 1 where a group's token is; on the U-Net's device, made once per batch
+        self.select = torch.zeros(seq_len, len(columns), device=device)
         for g, name in enumerate(self.names):
             self.select[columns[name], g] = 1.0
         self.latent_hw = latent_hw
@@ -83,7 +85,7 @@ class HeatmapController(Controller):
         p = probs.view(b, heads, n, t)
         if self.guided:
             p = p[b // 2 :]  # the conditional half
-        sel = p.float() @ self.select.to(p.device)  # (Bc, H, N, G)
+        sel = p.float() @ self.select  # (Bc, H, N, G)
         sel = sel.mean(1)  # (Bc, N, G)
         h, w = layer_grid(n, self.latent_hw)
         maps = sel.transpose(1, 2).reshape(sel.shape[0], len(self.names), h, w)  # (Bc, G, h, w)

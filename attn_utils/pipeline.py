@@ -43,8 +43,27 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
 
 
 @torch.no_grad()
+def encode_validation_prompt(trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative) embeddings (1, 77, D) of the validation prompt, for sampling later
+    without the text encoder on the device."""
+    pipe = make_pipeline(
+        trainer.tokenizer,
+        trainer.text_encoder,
+        trainer.vae,
+        trainer.unet,
+        trainer.noise_scheduler.config,
+    )
+    prompt = fill_prompt(trainer.cfg.validation_prompt, trainer.cfg.placeholder_tokens)
+    return pipe.encode_prompt(prompt, trainer.device, 1, True)
+
+
+@torch.no_grad()
 def render_validation(trainer, out: Path) -> Path:
-    """Sample the validation prompt with the resident modules; write a PNG grid atomically."""
+    """Sample the validation prompt with the resident modules; write a PNG grid atomically.
+
+    All images in one batched call; with trainer.validation_embeds set (stages 2-3) the
+    text encoder is not used, so it may rest on the CPU.
+    """
     cfg = trainer.cfg
     unet = trainer.unet
     was_training = unet.training
@@ -52,19 +71,27 @@ def render_validation(trainer, out: Path) -> Path:
     vae_dtype = trainer.vae.dtype
     if vae_dtype != torch.float32:
         trainer.vae.to(torch.float32)  # decode in fp32: half-precision VAE decodes can overflow
+    embeds = trainer.validation_embeds
+    n = cfg.num_validation_images
     try:
         pipe = make_pipeline(
             trainer.tokenizer,
-            trainer.text_encoder,
+            trainer.text_encoder if embeds is None else None,
             trainer.vae,
             unet,
             trainer.noise_scheduler.config,
         )
         gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
-        prompt = fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)
+        if embeds is None:
+            text = {"prompt": [fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)] * n}
+        else:
+            text = {
+                "prompt_embeds": embeds[0].expand(n, -1, -1),
+                "negative_prompt_embeds": embeds[1].expand(n, -1, -1),
+            }
         with trainer._autocast():
             images = pipe(
-                [prompt] * cfg.num_validation_images,
+                **text,
                 generator=gen,
                 num_inference_steps=cfg.validation_inference_steps,
                 height=cfg.resolution,

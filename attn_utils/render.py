@@ -125,7 +125,10 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
     batch size.
     """
     return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(s), device="cpu")
+            for s in seeds
+        ]
     )
 
 
@@ -148,9 +151,15 @@ class Renderer:
         """(images, {group: (n, h, w)} maps) of one batch."""
         o, pipe = self.opts, self.pipe
         latents = initial_latents(seeds, self.latent_shape)  # (n, C, h, w)
-        gens = [torch.Generator().manual_seed(s) for s in seeds]  # for stochastic schedulers
+        # CPU generators on purpose: diffusers draws a stochastic scheduler's noise on the CPU with
+        # them and moves it, so a seed means the same image on every device
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         guided = o.guidance_scale > 1.0
-        ctrl = HeatmapController(columns, self.latent_shape[1:], guided) if columns else None
+        ctrl = (
+            HeatmapController(columns, self.latent_shape[1:], guided, device=pipe.device)
+            if columns
+            else None
+        )
         wiring = capture_cross_attention(pipe.unet, ctrl) if ctrl else contextlib.nullcontext()
         with wiring:
             images = pipe(

@@ -60,7 +60,19 @@ def build_optimizer(params: list[torch.nn.Parameter], stage: StageConfig, cfg: R
         except ImportError:
             raise ConfigError("--use_8bit_adam: needs `pip install bitsandbytes`") from None
         return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, fused=True if cfg.fused_adam else None, **kw)
+    # fused: one kernel for all tensors, and it can skip a NaN step without a host sync
+    # (optimizer_step); auto (None) picks it on CUDA and on the CPU where torch has it.
+    fused = cfg.fused_adam if cfg.fused_adam is not None else fused_adamw_available(params)
+    return torch.optim.AdamW(params, fused=fused or None, **kw)
+
+
+def fused_adamw_available(params: list[torch.nn.Parameter]) -> bool:
+    """Does this torch have a fused AdamW kernel for these parameters' device and dtype?"""
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=params[0].device))], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
 
 
 def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, world: int):
@@ -115,27 +127,61 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """Is `value` finite on every process?"""
-    ok = torch.isfinite(value.detach()).all().float().reshape(1)
-    if _world() > 1:
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """Total 2-norm of the gradients (one number: NaN or inf if any gradient is)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=params[0].device if params else "cpu")
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
+def skips_on_device(optimizer) -> bool:
+    """Can the optimiser skip a step from a device flag (torch's fused AdamW: found_inf)?"""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def optimizer_step(optimizer, scaler, params: list[torch.nn.Parameter], max_grad_norm):
+    """One update unless a gradient is NaN or inf; returns the 'not finite' flag.
+
+    The flag stays on the device where the optimiser can skip from it (fused AdamW), so
+    no step waits for the GPU; otherwise it is read here, one sync per step. Under fp16
+    the GradScaler skips overflowing steps itself, and those are not failures.
+    """
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # the pre-clip norm
+    elif not scaler.is_enabled():
+        norm = grad_norm(params)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    bad = ~torch.isfinite(norm)
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()  # read by torch's fused kernel: no update if 1
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(bad):
+        bad = True  # a NaN update would poison the weights and every later checkpoint
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return bad
+
+
 def stop_requested(stop: StopRequest, device: torch.device) -> bool:
-    """Has any process been signalled? Every process then records the signal."""
+    """Has any process been signalled? Every process then records the signal.
+
+    One process: a flag read, no device round trip. Several: a collective, so call it at
+    the same steps on every process.
+    """
+    if _world() == 1:
+        return stop.signum is not None
     flag = torch.tensor([float(stop.signum or 0)], device=device)
-    if _world() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     if flag.item() and stop.signum is None:
         stop.signum = int(flag.item())
     return bool(flag.item())

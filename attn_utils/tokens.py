@@ -74,7 +74,9 @@ class PlaceholderEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, token_ids: list[int]):
         super().__init__()
         self.base = base
-        self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        # on the table's device: created after the text encoder moved, a CPU buffer breaks CUDA
+        ids = torch.tensor(token_ids, device=base.weight.device)
+        self.register_buffer("token_ids", ids, persistent=False)
         self.learned = nn.Parameter(base.weight.detach()[token_ids].clone().float())
 
     @property
@@ -153,4 +155,5 @@ def regularisation_columns(
     """
     ids, s, _ = prompt_positions(tokenizer, prompt, placeholder_ids, category)
     m = len(category_token_ids(tokenizer, category)) if all_sub_tokens else 1
-    return ids, torch.arange(s, s + len(placeholder_ids) + m).unsqueeze(0)
+    cols = torch.arange(s, s + len(placeholder_ids) + m, device=ids.device).unsqueeze(0)
+    return ids, cols

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -12,19 +13,29 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ck
+from .background import BackgroundWriter, HostSnapshot, finish_writes
 from .capture import TokenStats, capture_cross_attention
 from .config import ConfigError, RunConfig, StageConfig
 from .data import InstanceDataset, StepBatches, data_fingerprint, load_instance_images, step_seed
 from .latents import LatentPool, PoolIndices
+from .meter import StepMeter
 from .models import library_versions, load_base_model, model_fingerprint
-from .pipeline import render_validation
+from .pipeline import encode_validation_prompt, render_validation
+from .placement import (
+    attention_backend,
+    loader_workers,
+    offloads_text_encoder,
+    peak_memory,
+    place_models,
+    reset_peak,
+)
 from .runtime import (
     StopRequest,
     TrainingStopped,
-    all_finite,
     build_optimizer,
-    grad_norm,
+    optimizer_step,
     rank_checksums,
+    skips_on_device,
     stage_fingerprint,
     stop_requested,
 )
@@ -46,6 +57,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, accelerator) -> None:
         self.cfg, self.acc = cfg, accelerator
+        if cfg.mixed_precision is None:  # what `accelerate launch` / `accelerate config` says
+            cfg.mixed_precision = accelerator.mixed_precision
         self.run_dir = Path(cfg.output_dir)
         self.device = accelerator.device
         # Data first: a bad photo fails the run before any model is loaded.
@@ -68,57 +81,66 @@ class Trainer:
             self.tokenizer, prompt, self.token_ids, cfg.category, cfg.reg_category_target == "all"
         )
         self.pool = None  # LatentPool, built on first use with --cache_latents
-        self._place_models()
-
-    # ------------------------------------------------------------------ setup
-    def _place_models(self) -> None:
-        cfg = self.cfg
+        self.text_cache = None  # (1, 77, D) encoder output for stages 2-3
+        self.validation_embeds = None  # (prompt, negative) embeddings once the encoder rests
+        self.snapshot, self.writer = HostSnapshot(), BackgroundWriter()
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             cfg.mixed_precision
         )
-        for m in (self.text_encoder, self.vae, self.unet):
-            m.requires_grad_(False)
-        self.text_encoder.to(self.device).eval()
-        # The VAE is frozen and only encodes: half precision is safe and halves its cost.
-        self.vae.to(self.device).eval()
-        if self.autocast_dtype is not None:
-            self.vae.to(dtype=self.autocast_dtype)
-        self.unet.to(self.device)  # fp32 master weights in every mode
-        if cfg.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if cfg.enable_xformers_memory_efficient_attention:
-            try:
-                self.unet.enable_xformers_memory_efficient_attention()
-            except Exception as e:  # noqa: BLE001
-                raise ConfigError(f"--enable_xformers_memory_efficient_attention: {e}") from None
-        if cfg.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if cfg.torch_compile:
-            self.unet.compile()
-        self.input_ids = self.input_ids.to(self.device)
+        place_models(self)
 
-    def _dataset(self, k: int):
+    # ------------------------------------------------------------------ setup
+    def _loader(self, k: int, sc: StageConfig, start: int) -> DataLoader:
         """Augmented images, or (--cache_latents) indices into a pool encoded once per run."""
-        cfg = self.cfg
+        cfg, acc = self.cfg, self.acc
         if not cfg.cache_latents:
-            return InstanceDataset(
+            dataset = InstanceDataset(
                 self.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k
             )
-        if self.pool is None:
-            with self._autocast():
-                self.pool = LatentPool(
-                    self.images,
-                    self.vae,
-                    cfg.resolution,
-                    cfg.center_crop,
-                    cfg.cache_latents_variants,
-                    cfg.seed,
-                    self.device,
-                )
-        return PoolIndices(len(self.pool), cfg.seed, k)
+        else:
+            if self.pool is None:
+                with self._autocast():
+                    self.pool = LatentPool(
+                        self.images,
+                        self.vae,
+                        cfg.resolution,
+                        cfg.center_crop,
+                        cfg.cache_latents_variants,
+                        cfg.seed,
+                        self.device,
+                    )
+            dataset = PoolIndices(len(self.pool), cfg.seed, k)
+        ga = sc.gradient_accumulation_steps
+        sampler = StepBatches(
+            sc.batch_size, start * ga, sc.train_steps * ga, acc.process_index, acc.num_processes
+        )
+        workers = loader_workers(cfg.dataloader_num_workers, self.device, cfg.cache_latents)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=self.device.type == "cuda",  # so the copies to the GPU run async
+        )
+
+    def _cached_text(self) -> torch.Tensor:
+        """(1, 77, D) output of the frozen encoder on the fixed prompt, once per run.
+
+        Computed when stage 2 starts (the embedding is final then), with the validation
+        prompt's embeddings; afterwards the encoder may wait on the CPU.
+        """
+        if self.text_cache is None:
+            self.text_encoder.to(self.device)
+            with torch.no_grad(), self._autocast():
+                self.text_cache = self.text_encoder(self.input_ids)[0].float()
+                if self.cfg.validation_prompt:
+                    self.validation_embeds = encode_validation_prompt(self)
+            if offloads_text_encoder(self.cfg.offload_text_encoder, self.device):
+                self.text_encoder.to("cpu")
+        return self.text_cache
+
+    def _attention_backend(self):
+        return attention_backend(self.cfg.sdpa_backend)
 
     def fingerprint(self, stage: int) -> str:
         return stage_fingerprint(
@@ -152,7 +174,8 @@ class Trainer:
                 "from them instead of restarting the stage",
                 self.run_dir,
             )
-        with StopRequest() as self.stop:  # one for the run: a signal between stages counts too
+        # one StopRequest for the run: a signal between stages counts too
+        with StopRequest() as self.stop, finish_writes(self.writer):
             for stage in range(1, max(cfg.run_stages) + 1):
                 self._run_stage(stage, resume)
         acc.end_training()
@@ -207,23 +230,13 @@ class Trainer:
                 self.unet,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        if k >= 2:  # frozen encoder, fixed prompt: one forward for the whole stage
-            with torch.no_grad(), self._autocast():
-                cached = self.text_encoder(self.input_ids)[0].float()  # (1, 77, D)
+        cached = self._cached_text() if k >= 2 else None  # frozen encoder, fixed prompt
         self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
         ga = sc.gradient_accumulation_steps
-        dataset = self._dataset(k)
-        sampler = StepBatches(
-            sc.batch_size, start * ga, sc.train_steps * ga, acc.process_index, acc.num_processes
-        )
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=cfg.dataloader_num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        loader = self._loader(k, sc, start)
         stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
-        stats.columns = self.columns  # (1, k + category columns)
+        stats.columns = self.columns  # (1, k + category columns), on the device
+        meter = StepMeter(self.device)
         bar = tqdm(
             total=sc.train_steps,
             initial=start,
@@ -231,10 +244,11 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        step, acc_loss, acc_reg = start, 0.0, 0.0
+        reset_peak(self.device)
+        step, t0 = start, time.perf_counter()
         # closed on every exit, so an error message starts on a line of its own
         with contextlib.closing(bar), capture_cross_attention(self.unet, stats):
-            for micro, pixels in enumerate(loader, start=start * ga):
+            for micro, batch in enumerate(loader, start=start * ga):
                 last_micro = (micro + 1) % ga == 0
                 sync = last_micro or acc.num_processes == 1
                 ctx = (
@@ -242,50 +256,66 @@ class Trainer:
                     if (not sync and ddp_unet is not self.unet)
                     else contextlib.nullcontext()
                 )
-                with ctx:
+                with ctx, self._attention_backend():
                     gen = torch.Generator(self.device).manual_seed(
                         step_seed(cfg.seed, k, micro, acc.process_index)
                     )
                     with self._autocast():
                         text = self.text_encoder(self.input_ids)[0] if k == 1 else cached
-                        mse, reg = self._losses(ddp_unet, pixels, text, gen, stats, sc)
+                        mse, reg = self._losses(ddp_unet, batch, text, gen, stats, sc)
                         loss = (mse + reg) / ga
-                    if not all_finite(loss):
-                        raise TrainingStopped(self._nan_message(k, step, "loss"), 3)
+                    loss_bad = meter.add_micro(mse, reg, ga)
+                    if not skips_on_device(optimizer) and bool(loss_bad):
+                        raise TrainingStopped(self._nan_message(k, step + 1, "loss"), 3)
                     scaler.scale(loss).backward()
-                acc_loss += mse.item() / ga
-                acc_reg += reg.item() / ga
                 if not last_micro:
                     continue
-                if not self._optimizer_step(params, optimizer, scaler, plist):
-                    raise TrainingStopped(self._nan_message(k, step, "gradient"), 3)
+                grad_bad = self._optimizer_step(params, optimizer, scaler, plist)
                 step += 1
-                logs = {"loss": acc_loss, "reg": acc_reg, "lr": sc.learning_rate}
+                if grad_bad is True:  # read on the host: the optimiser cannot skip by itself
+                    raise TrainingStopped(self._nan_message(k, step, "gradient"), 3)
+                meter.end_step(step, grad_bad)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{acc_loss:.4f}", reg=f"{acc_reg:.4g}", lr=f"{sc.learning_rate:.1e}"
-                )
-                acc.log({f"stage_{k}/{n}": v for n, v in logs.items()}, step=step)
-                self.last_logs = logs
-                acc_loss = acc_reg = 0.0
-                if step == sc.train_steps:
+                ckpt = bool(sc.checkpointing_steps) and step % sc.checkpointing_steps == 0
+                val = bool(sc.validation_steps) and step % sc.validation_steps == 0
+                done = step == sc.train_steps
+                if ckpt or val or done or step % cfg.logging_steps == 0:
+                    self._read_meter(meter, k, step, sc, bar)  # the one host sync
+                if done:
                     break
-                if sc.checkpointing_steps and step % sc.checkpointing_steps == 0:
+                if ckpt:
                     self._checkpoint(k, step, params, optimizer, scaler)
-                if sc.validation_steps and step % sc.validation_steps == 0:
+                if val:
                     self._validate(k, step, stats)
-                if stop_requested(self.stop, self.device):
+                if (acc.num_processes == 1 or step % cfg.logging_steps == 0) and stop_requested(
+                    self.stop, self.device
+                ):
                     path = self._checkpoint(k, step, params, optimizer, scaler)
+                    self.writer.wait()
                     raise TrainingStopped(
                         f"stopped by signal at stage {k} step {step}; checkpoint {path}; "
                         "continue with --resume_from_checkpoint latest",
                         128 + self.stop.signum,
                     )
+        train_s = time.perf_counter() - t0
         checksums = rank_checksums(plist, self.device)
         if cfg.validation_prompt and sc.validation_steps:
             self._validate(k, step, stats)
         finish_trainable(k, params, self.text_encoder)
-        self._save_stage(k, step, checksums)
+        timing = {"train_seconds": round(train_s, 3), **peak_memory(self.device)}
+        self._save_stage(k, step, checksums, timing)
+
+    def _read_meter(self, meter: StepMeter, k: int, step: int, sc: StageConfig, bar) -> None:
+        """Log the means since the last read; stop if a loss or gradient was not finite."""
+        logs, bad = meter.read()
+        if bad is not None:
+            raise TrainingStopped(self._nan_message(k, bad[0], bad[1]), 3)
+        logs["lr"] = sc.learning_rate
+        bar.set_postfix(
+            loss=f"{logs['loss']:.4f}", reg=f"{logs['reg']:.4g}", lr=f"{sc.learning_rate:.1e}"
+        )
+        self.acc.log({f"stage_{k}/{n}": v for n, v in logs.items()}, step=step)
+        self.last_logs = logs
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
         """Denoising MSE and attention regulariser for one micro-batch."""
@@ -298,36 +328,23 @@ class Trainer:
             sc.reg_mean_weight, sc.reg_var_weight, self.cfg.noise_offset, self.cfg.channels_last,
         )  # fmt: skip
 
-    def _optimizer_step(self, params, optimizer, scaler, plist) -> bool:
-        """One update; False (and no update) if a gradient is NaN or inf."""
+    def _optimizer_step(self, params, optimizer, scaler, plist):
+        """One update, none if a gradient is NaN or inf; returns that flag (maybe on device)."""
         if params.embedding is not None and self.acc.num_processes > 1:
             # Stage 1's few numbers are all-reduced by hand: the original forgot to, and
             # its ranks drifted apart.
             g = params.embedding.learned.grad
             torch.distributed.all_reduce(g)
             g.div_(self.acc.num_processes)
-        if self.cfg.max_grad_norm:
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm)  # pre-clip
-        else:
-            norm = None
-        # Under fp16 the GradScaler skips overflowing steps itself; elsewhere a NaN gradient
-        # under a finite loss would poison the weights and every later checkpoint.
-        if not scaler.is_enabled():
-            if not all_finite(grad_norm(plist) if norm is None else norm):
-                optimizer.zero_grad(set_to_none=True)
-                return False
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return True
+        return optimizer_step(optimizer, scaler, plist, self.cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ helpers
     def _nan_message(self, k: int, step: int, what: str) -> str:
+        self.writer.wait()  # a checkpoint still being written is a good one
         found = ck.list_checkpoints(self.run_dir)
         last = str(found[-1]) if found else "none (no checkpoint written yet)"
         return (
-            f"non-finite {what} at stage {k} step {step + 1}; stopping without saving. "
+            f"non-finite {what} at stage {k} step {step}; stopping without saving. "
             f"Last good checkpoint: {last}. Try a lower learning rate or "
             "--mixed_precision no"
         )
@@ -344,6 +361,8 @@ class Trainer:
                 optimizer,
                 extra,
                 self.cfg.checkpoints_total_limit,
+                snapshot=self.snapshot,
+                writer=self.writer,
             )
         self.acc.wait_for_everyone()
         return path or self.run_dir / "checkpoints"
@@ -377,7 +396,8 @@ class Trainer:
                 stats.active = True
         self.acc.wait_for_everyone()
 
-    def _save_stage(self, k: int, step: int, checksums: list) -> None:
+    def _save_stage(self, k: int, step: int, checksums: list, timing: dict) -> None:
+        self.writer.wait()  # the stage's last checkpoint is on disk before it is superseded
         if self.acc.is_main_process:
             info = {
                 "fingerprint": self.fingerprint(k),
@@ -385,6 +405,7 @@ class Trainer:
                 "path": str(ck.stage_dir(self.run_dir, k)),
                 "final_logs": getattr(self, "last_logs", {}),
                 "rank_checksums": checksums,
+                **timing,  # loop seconds and peak memory of this run of the stage
             }
             save_stage_result(
                 self.run_dir,

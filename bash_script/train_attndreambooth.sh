@@ -21,8 +21,16 @@ for a in "$@"; do
   if [ "$a" = "--fast" ]; then unet_learning_rate=1e-5; unet_train_steps=200; unet_bs=4; fi
 done
 
+# Without an `accelerate config` file or ACCELERATE_ARGS, name the single-GPU defaults so that
+# accelerate prints no four-line warning about them.
+launch_args=${ACCELERATE_ARGS:-}
+accelerate_config=${ACCELERATE_CONFIG_FILE:-${HF_HOME:-$HOME/.cache/huggingface}/accelerate/default_config.yaml}
+if [ -z "$launch_args" ] && [ ! -f "$accelerate_config" ]; then
+  launch_args="--num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
+fi
+
 # shellcheck disable=SC2086
-accelerate launch ${ACCELERATE_ARGS:-} train_attndreambooth.py \
+accelerate launch $launch_args train_attndreambooth.py \
   --pretrained_model_name_or_path "$base_model" \
   --instance_data_dir "$instance_dir" --category "$category" --output_dir "$output_dir" \
   --placeholder_token new_concept --n_object_embedding 1 \

@@ -103,8 +103,9 @@ def env_info(device: torch.device) -> dict:
 
 
 def _synthetic_pixels(b: int, res: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return (torch.rand(b, 3, res, res, generator=g) * 2 - 1).to(device)  # (B, 3, R, R)
+    g = torch.Generator("cpu").manual_seed(0)  # the same pixels on every device
+    x = torch.rand(b, 3, res, res, generator=g, device="cpu") * 2 - 1  # (B, 3, R, R)
+    return x.to(device)
 
 
 def run_variant(job: dict) -> dict:

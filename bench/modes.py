@@ -176,7 +176,7 @@ class StageRun:
         from attn_utils.step import denoise_losses, encode_latents
 
         if self.pool is not None:
-            idx = torch.arange(len(self.pixels)) % len(self.pool)
+            idx = torch.arange(len(self.pixels), device=self.device) % len(self.pool)
             latents = self.pool.sample(idx, gen) * self.m.vae.config.scaling_factor
         else:
             latents = encode_latents(self.m.vae, self.pixels, gen)
@@ -205,7 +205,7 @@ class StageRun:
 
 
 def place(m, v: Variant, device: torch.device) -> None:
-    """What Trainer._place_models does for these features."""
+    """What attn_utils.placement.place_models does for these features."""
     if v.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

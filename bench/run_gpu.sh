@@ -8,14 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_out}
 PART=${2:-all}
-PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-# A GPU image without diffusers: install the wheels bench/fetch_gpu_wheels.sh put in .whl/.
-if [ -d .whl ] && ! "$PY" -c "import diffusers" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# shellcheck source=bench/gpu_env.sh
+. bench/gpu_env.sh
 COMMON=(--model sd21 --device cuda --resolution 512 --batch_size 8 --steps 10 --warmup 3)
 BASE=bf16+tf32+fused_adam
 

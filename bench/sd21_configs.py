@@ -9,6 +9,7 @@ size that runs a step in milliseconds on a CPU, for the smoke test.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,8 @@ def prompt_ids(placeholder_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """'<bos> a photo of a [V] dog <eos>' padded with '!' (id 0) like SD2.1's tokenizer."""
     bos, eos, a, photo, of, dog = 49406, 49407, 320, 1125, 539, 1929  # CLIP BPE ids
     row = [bos, a, photo, of, a, placeholder_id, dog, eos]
-    ids = torch.tensor([row + [0] * (MAX_POSITIONS - len(row))])  # (1, 77)
-    return ids, torch.tensor([[5, 6]])  # [V] at 5, its category at 6
+    ids = torch.tensor([row + [0] * (MAX_POSITIONS - len(row))], device="cpu")  # (1, 77)
+    return ids, torch.tensor([[5, 6]], device="cpu")  # [V] at 5, its category at 6
 
 
 def build_models(name: str, device: torch.device | str = "cpu", seed: int = 0) -> BenchModels:
@@ -127,6 +128,7 @@ def build_models(name: str, device: torch.device | str = "cpu", seed: int = 0) -
     # One placeholder row appended, as add_placeholder_tokens does with the real tokenizer.
     text_encoder.resize_token_embeddings(CLIP_VOCAB + 1, mean_resizing=False)
     ids, columns = prompt_ids(CLIP_VOCAB)
+    ids, columns = ids.to(device), columns.to(device)  # as the Trainer places them
     for m in (unet, text_encoder, vae):
         m.requires_grad_(False)
     return BenchModels(
@@ -150,3 +152,31 @@ def bench_tokenizer():
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def save_pipeline(out_dir: str | Path, name: str = "sd21", seed: int = 0) -> Path:
+    """A random-weight diffusers pipeline of CONFIGS[name] shapes on disk, for the real CLIs.
+
+    The tokenizer is the tiny one of attn_utils.tiny (no download): prompts tokenise into
+    fewer, different ids, which changes no shape and no cost. Reused when complete.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from attn_utils.tiny import _make_tokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").is_file():
+        return out_dir
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = _make_tokenizer(tmp / "tokenizer")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = build_models(name, device, seed)  # initialised on the GPU: minutes faster than the CPU
+    pipe = StableDiffusionPipeline(
+        vae=m.vae, text_encoder=m.text_encoder, tokenizer=tokenizer, unet=m.unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    tmp.rename(out_dir)
+    return out_dir

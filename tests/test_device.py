@@ -1,0 +1,114 @@
+"""Device placement: no tensor made by project code lands on the wrong device.
+
+The CPU suite cannot see a CUDA device bug directly, so tests/device_emulation.py sends every
+device-less tensor factory called from project files to `meta`; mixing such a tensor with a
+model tensor raises, as CUDA does, and the mode lists every redirected call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ROOT, train_argv
+from device_emulation import ForeignDefaultDevice
+
+import inference
+import train_attndreambooth
+from attn_utils import tokens
+from attn_utils.trainer import Trainer
+from bench.modes import StageRun, Variant, place
+from bench.sd21_configs import build_models
+
+
+def _in_project(code: str, name: str = "attn_utils/tokens.py", **env):
+    """Run `code` as if it stood in a project file; return its `out`."""
+    scope = {"torch": torch, **env}
+    exec(compile(code, str(ROOT / name), "exec"), scope)
+    return scope["out"]
+
+
+def test_the_emulation_moves_only_project_calls_without_a_device():
+    with ForeignDefaultDevice() as mode:
+        assert _in_project("out = torch.tensor([1, 2])").device.type == "meta"
+        assert _in_project("out = torch.zeros(2, device='cpu')").device.type == "cpu"
+        assert _in_project("out = torch.arange(3)", "inference.py").device.type == "meta"
+        assert torch.tensor([1]).device.type == "cpu"  # this test file is not project code
+    assert len(mode.redirected) == 2 and "tokens.py" in mode.redirected[0]
+
+
+def test_the_bug_of_ef40d09_is_caught(monkeypatch, tiny_model, concept, tmp_path):
+    """PlaceholderEmbedding made its token_ids buffer on the CPU after the text encoder moved
+    to the GPU; the same line, run as project code, fails under the emulation."""
+    old_init = _in_project(
+        "def out(self, base, token_ids):\n"
+        "    torch.nn.Module.__init__(self)\n"
+        "    self.base = base\n"
+        "    self.register_buffer('token_ids', torch.tensor(token_ids), persistent=False)\n"
+        "    self.learned = torch.nn.Parameter(base.weight.detach()[token_ids].clone().float())\n"
+    )
+    monkeypatch.setattr(tokens.PlaceholderEmbedding, "__init__", old_init)
+    argv = train_argv(tiny_model, concept, tmp_path / "run", "--stages", "1")
+    with ForeignDefaultDevice(), pytest.raises(RuntimeError, match="device"):
+        train_attndreambooth.main(argv)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--ti_checkpointing_steps", "2", "--unet_checkpointing_steps", "2"],
+        ["--cache_latents", "--offload_text_encoder", "--max_grad_norm", "1.0", "--no-fused_adam"],
+    ],
+    ids=["augment-resume", "pool"],
+)
+def test_training_and_inference_make_every_tensor_on_its_device(
+    monkeypatch, capsys, tiny_model, concept, tmp_path, extra
+):
+    run = tmp_path / "run"
+    argv = train_argv(tiny_model, concept, run, "--validation_prompt", "a {} on a hill",
+                      "--validation_inference_steps", "2", *extra)  # fmt: skip
+    resumes = "--unet_checkpointing_steps" in extra
+    real_save = Trainer._save_stage
+
+    def crash_before_stage_3_is_saved(self, k, *args):
+        if k == 3 and resumes:
+            raise Crash  # leaves checkpoint-s3-000002 to resume from
+        return real_save(self, k, *args)
+
+    with ForeignDefaultDevice() as mode:
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "_save_stage", crash_before_stage_3_is_saved)
+            if resumes:
+                with pytest.raises(Crash):
+                    train_attndreambooth.main(argv)
+            else:
+                assert train_attndreambooth.main(argv) == 0
+        if resumes:  # a checkpoint's tensors and optimiser state loaded back onto the device
+            capsys.readouterr()
+            assert train_attndreambooth.main([*argv, "--resume_from_checkpoint", "latest"]) == 0
+            assert "stage 3: resumed from" in capsys.readouterr().out
+        rc = inference.main([
+            "--run_dir", str(run), "--prompt", "a {} on a hill", "--save_dir", str(tmp_path / "o"),
+            "--num_images_per_prompt", "3", "--infer_batch_size", "2", "--num_inference_steps",
+            "2", "--resolution", "64", "--save_attention_maps",
+            "--export_pipeline", str(tmp_path / "export"),
+        ])  # fmt: skip
+        assert rc == 0
+    assert (run / "stage_3" / "stage_info.json").is_file()
+    assert mode.redirected == []  # every factory in project code named its device
+
+
+@pytest.mark.parametrize("mode_name", ["ours", "original"])
+def test_benchmark_steps_make_every_tensor_on_its_device(mode_name):
+    torch.manual_seed(0)
+    m = build_models("small")
+    place(m, Variant(), torch.device("cpu"))
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with ForeignDefaultDevice() as mode:
+        for stage in (1, 2, 3):
+            with StageRun(m, stage, mode_name, Variant(), pixels) as run:
+                run.step(0)
+    assert mode.redirected == []
