@@ -74,9 +74,12 @@ def _load_clip(name: str, kw: dict):
 
 
 def _load_dino(name: str, kw: dict):
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-    return AutoModel.from_pretrained(name, **kw), AutoImageProcessor.from_pretrained(name, **kw)
+    # Only the CLS token is used: a ViT's pooler (absent from DINO's weights) is not built.
+    vit = AutoConfig.from_pretrained(name, **kw).model_type == "vit"
+    model = AutoModel.from_pretrained(name, **kw, **({"add_pooling_layer": False} if vit else {}))
+    return model, AutoImageProcessor.from_pretrained(name, **kw)
 
 
 def _pooled(out) -> torch.Tensor:

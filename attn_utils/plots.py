@@ -53,6 +53,7 @@ def identity_vs_text(plt, summary: dict, path: Path, identity: str = "dino") -> 
     ax.set_xlabel("CLIP-T (text alignment)")
     ax.set_ylabel(f"{TITLES[identity]} (identity)")
     ax.set_title("Identity vs text alignment (large: mean over concepts)")
+    ax.ticklabel_format(useOffset=False)  # plain values: readers compare them with tables
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

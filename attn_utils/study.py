@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]  # train_attndreambooth.py and inference.py live here
 METHODS = ("attndreambooth",)  # baselines get a row here once their training exists
+RESUME = ["--resume_from_checkpoint", "latest"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Variables by which a launcher tells a process its place; a child must not inherit them, or
 # it would wait for peers that never come.
@@ -165,6 +166,8 @@ def run_script(argv: list[str], env: dict) -> int:
 
 def train_argv(plan: StudyPlan, c: ConceptSpec) -> list[str]:
     """train_attndreambooth.py's argv; relaunching it reuses the run's completed stages."""
+    # A stage interrupted after a checkpoint continues from it ('latest' of this run only).
+    resume = [] if "--resume_from_checkpoint" in plan.train_args else RESUME
     return [
         str(ROOT / "train_attndreambooth.py"),
         "--pretrained_model_name_or_path",
@@ -175,6 +178,7 @@ def train_argv(plan: StudyPlan, c: ConceptSpec) -> list[str]:
         c.category,
         "--output_dir",
         str(concept_dir(plan, c) / "run"),
+        *resume,
         *plan.train_args,
     ]
 
@@ -220,6 +224,14 @@ def check_protocol(plan: StudyPlan) -> None:
                 )
     concepts = [asdict(c) for c in plan.concepts]
     write_json_atomically(path, {"format": 1, "protocol": new, "concepts": concepts})
+
+
+def _protocol_written(plan: StudyPlan) -> bool:
+    path = plan.out / "study.json"
+    try:
+        return json.loads(path.read_text()).get("protocol") == plan.protocol()
+    except (OSError, ValueError):
+        return False
 
 
 def _step(record: Path, what: str, work: Callable[[], None]) -> None:
@@ -315,7 +327,7 @@ def run_study(
     if rank == 0:
         check_protocol(plan)
     else:
-        while not (plan.out / "study.json").is_file():  # rank 0 checks the protocol first
+        while not _protocol_written(plan):  # rank 0 checks and writes it first
             time.sleep(0.5)
     mine = [plan.concepts[i] for i in shard(len(plan.concepts), rank, world)]
     worker = ConceptRunner(plan, models, runner, child_env(env, local_rank, world))

@@ -93,6 +93,18 @@ def test_resumed_study_skips_finished_work(study, monkeypatch):
     assert (out / "summary.json").is_file()
 
 
+def test_launched_processes_split_and_rank_0_aggregates(study, monkeypatch):
+    argv, out, _ = study
+    (out / "summary.json").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # concept 0 is rank 0's: rank 1 has nothing to do
+    assert evaluate.main(argv, runner=_never) == 0
+    assert not (out / "summary.json").exists()  # only rank 0 writes the aggregate
+    monkeypatch.setenv("RANK", "0")
+    assert evaluate.main(argv, runner=_never) == 0
+    assert (out / "summary.json").is_file()
+
+
 def test_changed_protocol_is_refused(study, capsys):
     argv, out, _ = study
     changed = [a if a != "2" else "3" for a in argv]  # --num_images_per_prompt 3
