@@ -224,6 +224,7 @@ def metrics_md(result: dict) -> str:
 def write_metrics(result: dict, out_dir: str | Path) -> Path:
     """metrics.csv, metrics.md, then metrics.json (last: its presence means complete)."""
     out = Path(out_dir)
+    (out / "metrics.json").unlink(missing_ok=True)  # an older json must not vouch for new csv/md
     write_text_atomically(out / "metrics.csv", metrics_csv(result))
     write_text_atomically(out / "metrics.md", metrics_md(result))
     write_text_atomically(out / "metrics.json", json.dumps(result, indent=2) + "\n")
