@@ -1,0 +1,191 @@
+"""Metric models (CLIP, DINO) and the three scores: CLIP-T, CLIP-I and DINO.
+
+- CLIP-T: cosine between a generated image and its prompt's text, in CLIP's projected space.
+- CLIP-I: mean cosine over all (generated, real) pairs of CLIP's projected image embeddings.
+- DINO: the same with the CLS token (last_hidden_state[:, 0]) of a DINO ViT.
+Each model is used with its own saved image processor and tokenizer, so real weights behave
+as in published evaluations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import ConfigError, first_line
+from .models import _load_kwargs, hub_reachable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # DreamBooth / Textual Inversion evaluations
+DEFAULT_DINO = "facebook/dino-vits16"  # DreamBooth's DINO metric (ViT-S/16)
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_metric_model(
+    flag: str, name: str, loader: Callable[[str, dict], object], local_files_only: bool = False
+):
+    """loader(name, kwargs) from the cache or a local folder first, then the Hub if it answers.
+
+    Every failure is one ConfigError naming the flag and the model; never random weights.
+    """
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"{flag}: {name} is not a folder")
+    if looks_local:
+        name = str(Path(name).expanduser())
+    kw = _load_kwargs(name, None, local_files_only)
+    errors = (OSError, ValueError, EnvironmentError)
+    try:
+        return loader(name, {**kw, "local_files_only": True})
+    except errors as cached_error:
+        if kw["local_files_only"]:
+            raise ConfigError(
+                f"{flag}: cannot load {name!r}: not a complete local model folder or cached "
+                f"model ({first_line(cached_error)})"
+            ) from None
+    if not hub_reachable():
+        raise ConfigError(
+            f"{flag}: {name!r} is not in the local cache and the Hub is unreachable; "
+            "pass a local model folder"
+        )
+    try:
+        return loader(name, kw)
+    except errors as e:
+        raise ConfigError(f"{flag}: cannot load {name!r} from the Hub ({first_line(e)})") from None
+
+
+def _load_clip(name: str, kw: dict):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(name, **kw)
+    return (
+        model,
+        AutoImageProcessor.from_pretrained(name, **kw),
+        AutoTokenizer.from_pretrained(name, **kw),
+    )
+
+
+def _load_dino(name: str, kw: dict):
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    # Only the CLS token is used: a ViT's pooler (absent from DINO's weights) is not built.
+    vit = AutoConfig.from_pretrained(name, **kw).model_type == "vit"
+    model = AutoModel.from_pretrained(name, **kw, **({"add_pooling_layer": False} if vit else {}))
+    return model, AutoImageProcessor.from_pretrained(name, **kw)
+
+
+def _pooled(out) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def normalize(x: torch.Tensor) -> np.ndarray:
+    """Rows scaled to unit length, as float64 numpy (cosines are then dot products)."""
+    x = x.detach().float().cpu().numpy().astype(np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(min=1e-12)
+
+
+@dataclass
+class MetricModels:
+    """CLIP (model, image processor, tokenizer) and DINO (model, image processor) on a device."""
+
+    clip: object
+    clip_processor: object
+    clip_tokenizer: object
+    dino: object
+    dino_processor: object
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int = 32
+    names: tuple[str, str] = (DEFAULT_CLIP, DEFAULT_DINO)
+
+    @classmethod
+    def load(
+        cls,
+        clip_model: str = DEFAULT_CLIP,
+        dino_model: str = DEFAULT_DINO,
+        device: torch.device | str = "cpu",
+        mixed_precision: str = "no",
+        batch_size: int = 32,
+        local_files_only: bool = False,
+    ) -> MetricModels:
+        """Load both models (one clear error naming --clip_model / --dino_model on failure)."""
+        device, dtype = torch.device(device), MIXED_PRECISION[mixed_precision]
+        clip, clip_proc, tok = load_metric_model(
+            "--clip_model", clip_model, _load_clip, local_files_only
+        )
+        dino, dino_proc = load_metric_model(
+            "--dino_model", dino_model, _load_dino, local_files_only
+        )
+        for m in (clip, dino):
+            m.requires_grad_(False)
+            m.eval()
+            m.to(device=device, dtype=dtype)
+        names = (clip_model, dino_model)
+        return cls(clip, clip_proc, tok, dino, dino_proc, device, dtype, batch_size, names)
+
+    def _pixels(self, processor, images: list[Image.Image]) -> torch.Tensor:
+        px = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        return px.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def clip_image(self, images: list[Image.Image]) -> np.ndarray:
+        """(B, D) unit CLIP image embeddings (projected)."""
+        out = self.clip.get_image_features(pixel_values=self._pixels(self.clip_processor, images))
+        return normalize(_pooled(out))
+
+    @torch.inference_mode()
+    def dino_image(self, images: list[Image.Image]) -> np.ndarray:
+        """(B, D) unit DINO CLS embeddings."""
+        out = self.dino(pixel_values=self._pixels(self.dino_processor, images))
+        return normalize(out.last_hidden_state[:, 0])  # CLS token
+
+    @torch.inference_mode()
+    def clip_text(self, texts: list[str]) -> np.ndarray:
+        """(T, D) unit CLIP text embeddings (projected)."""
+        limit = self.clip.config.text_config.max_position_embeddings
+        tok = self.clip_tokenizer(
+            texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+        )
+        out = self.clip.get_text_features(
+            input_ids=tok["input_ids"].to(self.device),
+            attention_mask=tok["attention_mask"].to(self.device),
+        )
+        return normalize(_pooled(out))
+
+    def embed_images(
+        self, items: Sequence, load: Callable[[object], Image.Image], desc: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(CLIP, DINO) unit embeddings of every item, loaded and embedded batch by batch."""
+        clip, dino = [], []
+        with tqdm(total=len(items), desc=desc, unit="img") as bar:
+            for s in range(0, len(items), self.batch_size):
+                images = [load(x) for x in items[s : s + self.batch_size]]
+                clip.append(self.clip_image(images))
+                dino.append(self.dino_image(images))
+                bar.update(len(images))
+        return np.concatenate(clip), np.concatenate(dino)
+
+
+def clip_t_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """(N,) cosine of image i with text i; both (N, D) unit rows."""
+    return (image_emb * text_emb).sum(-1)
+
+
+def pairwise_mean(gen_emb: np.ndarray, real_emb: np.ndarray) -> np.ndarray:
+    """(N,) per generated image: its mean cosine over all real images; both unit rows."""
+    return (gen_emb @ real_emb.T).mean(-1)  # (N, R) -> (N,)
+
+
+def clip_t_text(template: str, category: str, mode: str = "category") -> str:
+    """CLIP-T's text: {} -> the category word, or ('removed', Textual Inversion) nothing."""
+    filled = template.replace("{}", category if mode == "category" else "")
+    return " ".join(filled.split()).replace(" ,", ",")

@@ -1,0 +1,214 @@
+r"""Score generated images with CLIP-T, CLIP-I and DINO; or run a whole study in one command.
+
+    python evaluate.py --samples_dir out/grey_sloth --instance_data_dir dataset/grey_sloth \
+        --category sloth
+    python evaluate.py study --concepts concepts.json \
+        --prompts dataset/prompts/dreambench_objects.txt --out studies/objects
+
+The first scores an inference.py output folder (its index.json maps images to prompts)
+against the concept's real photos and writes metrics.json, metrics.csv and metrics.md.
+The second trains, renders and scores every concept of concepts.json, then writes one
+table (summary.md), identity_vs_text.png, per_prompt.png and report.md. See
+docs/evaluation.md for the protocol and what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from attn_utils.config import ConfigError
+
+log = logging.getLogger("evaluate")
+
+
+def add_metric_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the metric models, shared by both commands."""
+    from attn_utils.metrics import DEFAULT_CLIP, DEFAULT_DINO
+
+    g = p.add_argument_group("metric models")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP, help=f"hub id or folder ({DEFAULT_CLIP})")
+    g.add_argument("--dino_model", default=DEFAULT_DINO, help=f"hub id or folder ({DEFAULT_DINO})")
+    g.add_argument(
+        "--clip_t_text",
+        choices=["category", "removed"],
+        default="category",
+        help="CLIP-T's text: {} replaced by the category word (default), or removed "
+        "(the Textual Inversion protocol)",
+    )
+    g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    g.add_argument("--batch_size", type=int, default=32, metavar="N", help="images per batch")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--samples_dir", required=True, metavar="DIR", help="an inference.py --save_dir")
+    p.add_argument(
+        "--instance_data_dir", "--real_dir", required=True, metavar="DIR", help="the real photos"
+    )
+    p.add_argument(
+        "--category", default=None, help="category word (default: the one in index.json)"
+    )
+    p.add_argument("--output_dir", metavar="DIR", help="where metrics.* go (default: samples_dir)")
+    p.add_argument("--skip_bad_images", action="store_true", help="drop unreadable real photos")
+    add_metric_flags(p)
+    return p
+
+
+def build_study_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py study",
+        description="Train, render and score every concept; then one table and plots.",
+    )
+    p.add_argument("--concepts", required=True, metavar="JSON", help='[{"dir", "category"}, ...]')
+    p.add_argument(
+        "--prompts",
+        "--prompt_file",
+        dest="prompts",
+        required=True,
+        metavar="FILE",
+        help="prompt file, e.g. dataset/prompts/dreambench_objects.txt",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="the study's folder")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default="stabilityai/stable-diffusion-2-1-base",
+        metavar="MODEL",
+    )
+    p.add_argument("--methods", default="attndreambooth", help="comma-separated methods")
+    p.add_argument(
+        "--stages", default="1,3", help="AttnDreamBooth rows: stages to render (1 is TI-like)"
+    )
+    p.add_argument("--num_images_per_prompt", type=int, default=4, metavar="N", help="default 4")
+    p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    p.add_argument("--train_args", default="", help="extra train_attndreambooth.py flags, quoted")
+    p.add_argument("--infer_args", default="", help="extra inference.py flags, quoted")
+    p.add_argument("--identity_metric", choices=["dino", "clip_i"], default="dino")
+    add_metric_flags(p)
+    return p
+
+
+def _models_loader(ns: argparse.Namespace, local_rank: int = 0, world: int = 1):
+    """A function that loads the metric models on first use (a finished study needs none)."""
+    cache: list = []
+
+    def load():
+        if not cache:
+            from attn_utils.metrics import MetricModels
+            from inference import pick_device
+
+            name = ns.device
+            if name == "auto" and world > 1:
+                import torch
+
+                name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            device, _ = pick_device(name, "fp32")
+            cache.append(
+                MetricModels.load(
+                    ns.clip_model,
+                    ns.dino_model,
+                    device,
+                    ns.mixed_precision,
+                    ns.batch_size,
+                    ns.local_files_only,
+                )
+            )
+        return cache[0]
+
+    return load
+
+
+def _check(ns: argparse.Namespace) -> None:
+    if ns.batch_size < 1:
+        raise ConfigError("--batch_size: must be >= 1")
+
+
+def run_eval(ns: argparse.Namespace) -> int:
+    from attn_utils.scoring import embed_real, read_index, score_samples, write_metrics
+
+    _check(ns)
+    index, _ = read_index(ns.samples_dir)  # before loading any model
+    category = ns.category or index.get("settings", {}).get("category")
+    if not category:
+        raise ConfigError("--category: needed (index.json names no category)")
+    if not Path(ns.instance_data_dir).is_dir():
+        raise ConfigError(f"--instance_data_dir: {ns.instance_data_dir} is not a folder")
+    models = _models_loader(ns)()
+    real = embed_real(models, ns.instance_data_dir, ns.skip_bad_images)
+    result = score_samples(models, ns.samples_dir, real, category, ns.clip_t_text)
+    path = write_metrics(result, ns.output_dir or ns.samples_dir)
+    o = result["overall"]
+    print(
+        f"CLIP-T {o['clip_t']:.4f}  CLIP-I {o['clip_i']:.4f}  DINO {o['dino']:.4f}  "
+        f"({o['n_images']} images, {o['n_prompts']} prompts, {o['n_real']} real): {path}"
+    )
+    return 0
+
+
+def _stages(text: str) -> list[int]:
+    try:
+        stages = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        stages = []
+    if not stages or any(s not in (1, 2, 3) for s in stages):
+        raise ConfigError(f"--stages: comma-separated stages among 1, 2, 3, got {text!r}")
+    return stages
+
+
+def run_study_cli(ns: argparse.Namespace, runner=None) -> int:
+    from attn_utils import study
+    from attn_utils.render import read_prompt_file
+
+    _check(ns)
+    if ns.num_images_per_prompt < 1:
+        raise ConfigError("--num_images_per_prompt: must be >= 1")
+    read_prompt_file(ns.prompts)
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    plan = study.StudyPlan(
+        concepts=study.read_concepts(ns.concepts),
+        prompt_file=str(Path(ns.prompts).resolve()),
+        out=Path(ns.out).resolve(),
+        model=ns.pretrained_model_name_or_path,
+        variants=study.make_variants(methods, _stages(ns.stages)),
+        train_args=shlex.split(ns.train_args),
+        infer_args=shlex.split(ns.infer_args),
+        num_images_per_prompt=ns.num_images_per_prompt,
+        seed=ns.seed,
+        metric_settings={
+            "clip_model": ns.clip_model,
+            "dino_model": ns.dino_model,
+            "clip_t_text": ns.clip_t_text,
+            "identity_metric": ns.identity_metric,
+        },
+    )
+    _, world, local_rank = study.dist_info()
+    loader = _models_loader(ns, local_rank, world)
+    out = study.run_study(plan, loader, runner or study.run_script)
+    if out is not None:
+        print(f"study written: {out.parent / 'summary.md'}, {out.parent / 'report.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None, runner=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    is_study = bool(argv) and argv[0] == "study"
+    ns = (build_study_parser() if is_study else build_parser()).parse_args(argv[is_study:])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return run_study_cli(ns, runner) if is_study else run_eval(ns)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

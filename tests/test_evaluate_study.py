@@ -1,0 +1,193 @@
+"""evaluate.py study: one tiny study end to end, resume, aggregation, process split, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import cli_error
+from tiny_metric_models import build_tiny_clip, build_tiny_dino
+
+import evaluate
+import inference
+import train_attndreambooth
+from attn_utils import plots
+from attn_utils.study import child_env, dist_info, make_variants, read_concepts, shard
+from attn_utils.summary import summarize
+
+ONE_STEP = "--ti_train_steps 1 --attn_train_steps 1 --unet_train_steps 1 "
+ONE_STEP += "--ti_batch_size 1 --attn_batch_size 1 --unet_batch_size 1 --resolution 128"
+FAST_RENDER = "--num_inference_steps 2 --resolution 64 --infer_batch_size 2"
+
+
+class InProcess:
+    """Runs our CLIs in this process (a subprocess each would cost seconds); counts calls."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, argv: list[str], env: dict) -> int:
+        script = Path(argv[0]).name
+        self.calls.append(script)
+        main = {"train_attndreambooth.py": train_attndreambooth.main}.get(script, inference.main)
+        return main(argv[1:])
+
+
+def _never(*_a, **_k):
+    raise AssertionError("a finished step was redone")
+
+
+@pytest.fixture(scope="module")
+def study(tiny_model, concept, tmp_path_factory):
+    """One concept x 2 prompts x 2 images, rows stage_1 and stage_3; (argv, out, runner)."""
+    root = tmp_path_factory.mktemp("study")
+    models = root / "metric_models"
+    clip, dino = build_tiny_clip(models / "clip"), build_tiny_dino(models / "dino")
+    (root / "concepts.json").write_text(
+        json.dumps([{"dir": str(concept), "category": "sloth", "name": "sloth"}])
+    )
+    (root / "prompts.txt").write_text("a {} on the beach\na watercolor painting of {}\n")
+    out = root / "out"
+    argv = ["study", "--concepts", root / "concepts.json", "--prompts", root / "prompts.txt"]
+    argv += ["--out", out, "--pretrained_model_name_or_path", tiny_model]
+    argv += ["--clip_model", clip, "--dino_model", dino, "--num_images_per_prompt", 2]
+    argv += ["--train_args", ONE_STEP, "--infer_args", FAST_RENDER]
+    argv = [str(a) for a in argv]
+    runner = InProcess()
+    assert evaluate.main(argv, runner=runner) == 0
+    return argv, out, runner
+
+
+def test_study_trains_renders_scores_and_aggregates(study):
+    _, out, runner = study
+    assert runner.calls == ["train_attndreambooth.py", "inference.py", "inference.py"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["variant"] for r in summary["rows"]] == ["stage_1", "stage_3"]
+    assert all(r["n_concepts"] == 1 and r["n_images"] == 4 for r in summary["rows"])
+    for name in ("summary.md", "summary.csv", "report.md", "identity_vs_text.png"):
+        assert (out / name).is_file(), name
+    assert (out / "per_prompt.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "concepts/sloth/stage_3/overview.png" in report and "identity_vs_text.png" in report
+    idx = json.loads((out / "concepts/sloth/stage_1/samples/index.json").read_text())
+    assert idx["settings"]["stage"] == 1 and idx["settings"]["seed"] == 0  # TI-like: base U-Net
+    for e in idx["prompts"].values():
+        assert e["image_seeds"] == [0, 1]  # the same fixed seeds for every prompt and row
+
+
+def test_resumed_study_skips_finished_work(study, monkeypatch):
+    argv, out, _ = study
+    before = (out / "concepts/sloth/stage_1/metrics.json").stat().st_mtime_ns
+    # Everything done: no training, rendering or metric model is touched again.
+    monkeypatch.setattr(evaluate, "_models_loader", lambda *a, **k: _never)
+    assert evaluate.main(argv, runner=_never) == 0
+    assert (out / "concepts/sloth/stage_1/metrics.json").stat().st_mtime_ns == before
+    # Interrupted after stage_3's rendering: only its evaluation runs again.
+    (out / "concepts/sloth/stage_3/metrics.json").unlink()
+    (out / "summary.json").unlink()
+    monkeypatch.undo()
+    assert evaluate.main(argv, runner=_never) == 0
+    assert (out / "concepts/sloth/stage_3/metrics.json").is_file()
+    assert (out / "concepts/sloth/stage_1/metrics.json").stat().st_mtime_ns == before
+    assert (out / "summary.json").is_file()
+
+
+def test_launched_processes_split_and_rank_0_aggregates(study, monkeypatch):
+    argv, out, _ = study
+    (out / "summary.json").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # concept 0 is rank 0's: rank 1 has nothing to do
+    assert evaluate.main(argv, runner=_never) == 0
+    assert not (out / "summary.json").exists()  # only rank 0 writes the aggregate
+    monkeypatch.setenv("RANK", "0")
+    assert evaluate.main(argv, runner=_never) == 0
+    assert (out / "summary.json").is_file()
+
+
+def test_changed_protocol_is_refused(study, capsys):
+    argv, out, _ = study
+    changed = [a if a != "2" else "3" for a in argv]  # --num_images_per_prompt 3
+    line, _ = cli_error(lambda a: evaluate.main(a, runner=_never), capsys, changed)
+    assert line.startswith("error: --out:") and "num_images_per_prompt" in line
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def _result(clip_t: float, dino: float, classes: dict[str, int]) -> dict:
+    """A metrics.json-shaped result: one prompt per class count, values equal everywhere."""
+    vals = {"clip_t": clip_t, "clip_i": 0.5, "dino": dino}
+    std = {f"{k}_std": 0.0 for k in vals}
+    per_prompt = [
+        {"template": f"{c} {i} {{}}", "class": c, "n_images": 4, **vals, **std}
+        for c, n in classes.items()
+        for i in range(n)
+    ]
+    per_class = {
+        c: {"n_images": 4 * n, "n_prompts": n, **vals, **std} for c, n in classes.items()
+    }  # fmt: skip
+    n = sum(classes.values())
+    overall = {"n_images": 4 * n, "n_prompts": n, "n_real": 3, **vals, **std}
+    return {"overall": overall, "per_class": per_class, "per_prompt": per_prompt}
+
+
+def test_aggregation_counts_and_means():
+    classes = {"background": 3, "property": 2}
+    results = {
+        "stage_1": {f"c{i}": _result(0.2 + 0.1 * i, 0.4, classes) for i in range(3)},
+        "stage_3": {f"c{i}": _result(0.3, 0.6 + 0.1 * i, classes) for i in range(3)},
+    }
+    s = summarize(results, {"stage_1": "TI-like", "stage_3": "full"})
+    r1, r3 = s["rows"]
+    assert (r1["n_concepts"], r1["n_images"], r1["label"]) == (3, 60, "TI-like")
+    assert r1["clip_t"] == pytest.approx(0.3) and r1["clip_t_std"] == pytest.approx(0.0816, 1e-3)
+    assert r3["dino"] == pytest.approx(0.7) and r3["clip_t_std"] == pytest.approx(0.0)
+    assert s["per_class"]["stage_1"]["background"]["n_prompts"] == 3
+    assert s["per_class"]["stage_1"]["property"]["n_concepts"] == 3
+    assert len(s["per_prompt"]["stage_3"]) == 5 and len(s["per_concept"]["stage_3"]) == 3
+
+
+def test_concepts_split_over_processes():
+    assert shard(5, 0, 2) == [0, 2, 4] and shard(5, 1, 2) == [1, 3]
+    assert shard(3, 0, 1) == [0, 1, 2] and shard(1, 1, 2) == []
+    parts = [shard(7, r, 3) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(7))  # each concept exactly once
+    assert dist_info({}) == (0, 1, 0)
+    assert dist_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}
+    env |= {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5"}
+    child = child_env(env, local_rank=1, world=2)
+    assert child == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "5"}  # a lone process on its GPU
+    assert child_env({"PATH": "/bin"}, 0, 1) == {"PATH": "/bin"}
+
+
+def test_concepts_file_and_methods_errors(tmp_path, concept):
+    from attn_utils.config import ConfigError
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps([{"dir": str(concept), "category": "sloth"}]))
+    assert read_concepts(f)[0].name == concept.name
+    f.write_text(json.dumps([{"dir": "missing", "category": "x"}]))
+    with pytest.raises(ConfigError, match="--concepts: .*is not a folder"):
+        read_concepts(f)
+    f.write_text(json.dumps([{"dir": str(concept), "category": "a"}] * 2))
+    with pytest.raises(ConfigError, match="two concepts are named"):
+        read_concepts(f)
+    with pytest.raises(ConfigError, match="--methods: unknown method 'neti'"):
+        make_variants(["attndreambooth", "neti"], [1, 3])
+    assert [v.name for v in make_variants(["attndreambooth"], [1, 2, 3])] == [
+        "stage_1",
+        "stage_2",
+        "stage_3",
+    ]
+
+
+def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    classes = {"background": 1}
+    s = summarize({"stage_3": {"c": _result(0.3, 0.6, classes)}}, {"stage_3": "full"})
+    assert set(plots.write_plots(s, tmp_path)) == {"identity_vs_text", "per_prompt"}
+    assert (tmp_path / "identity_vs_text.png").stat().st_size > 0
+    monkeypatch.setattr(plots, "_pyplot", lambda: None)
+    assert plots.write_plots(s, tmp_path / "none") == {}
+    assert "plots skipped" in capsys.readouterr().out
