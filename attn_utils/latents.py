@@ -28,9 +28,10 @@ class LatentPool:
         seed: int,
         device,
         batch_size: int = 8,
+        flip_p: float = 0.25,
     ) -> None:
         pixels = [
-            augment(img, resolution, center_crop, random.Random(_seed(seed, "pool", i, v)))
+            augment(img, resolution, center_crop, random.Random(_seed(seed, "pool", i, v)), flip_p)
             for v in range(variants)
             for i, img in enumerate(images)
         ]

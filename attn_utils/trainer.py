@@ -12,12 +12,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ck
-from .capture import TokenStats, capture_cross_attention
+from .capture import TokenStats, capture_if
 from .config import ConfigError, RunConfig, StageConfig
 from .data import InstanceDataset, StepBatches, data_fingerprint, load_instance_images, step_seed
 from .latents import LatentPool, PoolIndices
+from .methods import concept_token_ids, prompt_ids, training_prompts
 from .models import library_versions, load_base_model, model_fingerprint
 from .pipeline import render_validation
+from .prior import prior_losses, setup_prior, with_class_images
 from .runtime import (
     StopRequest,
     TrainingStopped,
@@ -36,7 +38,6 @@ from .stages import (
     select_trainable,
 )
 from .step import denoise_losses, encode_latents
-from .tokens import add_placeholder_tokens, fill_prompt, regularisation_columns
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,16 @@ class Trainer:
             cfg.instance_data_dir, cfg.resolution, cfg.skip_bad_images
         )
         self.data_fp = data_fingerprint(paths)
-        for stage in range(1, max(cfg.run_stages)):  # before loading any model
+        for stage in [s.index for s in cfg.stages if s.index < max(cfg.run_stages)]:
             if stage not in cfg.run_stages and ck.stage_info(self.run_dir, stage) is None:
                 raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
         self.model_fp = model_fingerprint(cfg.pretrained_model_name_or_path, cfg.revision)
         m = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.local_files_only)
         self.tokenizer, self.text_encoder, self.vae = m.tokenizer, m.text_encoder, m.vae
         self.unet, self.noise_scheduler = m.unet, m.noise_scheduler
-        self.token_ids = add_placeholder_tokens(
-            self.tokenizer, self.text_encoder, cfg.placeholder_tokens, cfg.category
-        )
-        prompt = fill_prompt(cfg.instance_prompt, cfg.placeholder_tokens)
-        self.input_ids, self.columns = regularisation_columns(
-            self.tokenizer, prompt, self.token_ids, cfg.category, cfg.reg_category_target == "all"
-        )
+        self.token_ids = concept_token_ids(cfg, self.tokenizer, self.text_encoder)
+        # (P, 77), (P, K): the instance prompt, or (--method ti) one row per template
+        self.input_ids, self.columns = training_prompts(cfg, self.tokenizer, self.token_ids)
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self._place_models()
 
@@ -105,7 +102,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.cache_latents:
             return InstanceDataset(
-                self.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k
+                self.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, cfg.flip_p
             )
         if self.pool is None:
             with self._autocast():
@@ -117,6 +114,7 @@ class Trainer:
                     cfg.cache_latents_variants,
                     cfg.seed,
                     self.device,
+                    flip_p=cfg.flip_p,
                 )
         return PoolIndices(len(self.pool), cfg.seed, k)
 
@@ -133,6 +131,7 @@ class Trainer:
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
         cfg, acc = self.cfg, self.acc
+        self.prior = setup_prior(self)  # class images, from the base model before any stage
         if acc.is_main_process:
             ck.recover_interrupted_writes(self.run_dir)
             ck.write_json_atomically(
@@ -153,7 +152,7 @@ class Trainer:
                 self.run_dir,
             )
         with StopRequest() as self.stop:  # one for the run: a signal between stages counts too
-            for stage in range(1, max(cfg.run_stages) + 1):
+            for stage in [s.index for s in cfg.stages if s.index <= max(cfg.run_stages)]:
                 self._run_stage(stage, resume)
         acc.end_training()
 
@@ -212,7 +211,7 @@ class Trainer:
                 cached = self.text_encoder(self.input_ids)[0].float()  # (1, 77, D)
         self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
         ga = sc.gradient_accumulation_steps
-        dataset = self._dataset(k)
+        dataset = with_class_images(self, self._dataset(k), k)
         sampler = StepBatches(
             sc.batch_size, start * ga, sc.train_steps * ga, acc.process_index, acc.num_processes
         )
@@ -232,8 +231,11 @@ class Trainer:
             dynamic_ncols=True,
         )
         step, acc_loss, acc_reg = start, 0.0, 0.0
+        if cfg.validate_before_training and start == 0:
+            self._validate(k, 0, stats)
+        capture = capture_if(bool(sc.reg_mean_weight or sc.reg_var_weight), self.unet, stats)
         # closed on every exit, so an error message starts on a line of its own
-        with contextlib.closing(bar), capture_cross_attention(self.unet, stats):
+        with contextlib.closing(bar), capture:
             for micro, pixels in enumerate(loader, start=start * ga):
                 last_micro = (micro + 1) % ga == 0
                 sync = last_micro or acc.num_processes == 1
@@ -247,7 +249,8 @@ class Trainer:
                         step_seed(cfg.seed, k, micro, acc.process_index)
                     )
                     with self._autocast():
-                        text = self.text_encoder(self.input_ids)[0] if k == 1 else cached
+                        ids = prompt_ids(self, k, micro, stats) if k == 1 else None
+                        text = self.text_encoder(ids)[0] if k == 1 else cached
                         mse, reg = self._losses(ddp_unet, pixels, text, gen, stats, sc)
                         loss = (mse + reg) / ga
                     if not all_finite(loss):
@@ -289,6 +292,8 @@ class Trainer:
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
         """Denoising MSE and attention regulariser for one micro-batch."""
+        if isinstance(batch, (list, tuple)):  # prior preservation: (instance, class) samples
+            return prior_losses(self, unet, batch, text, gen, stats, sc)
         if self.pool is not None:  # the batch holds pool indices
             latents = self.pool.sample(batch, gen) * self.vae.config.scaling_factor
         else:
