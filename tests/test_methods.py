@@ -195,8 +195,9 @@ def _argv(model, data, out, method, *extra) -> list[str]:
     prior = ["--num_class_images", "3", "--sample_batch_size", "2", "--class_inference_steps", "2"]
     if method == "ti_db":
         prior = ["--with_prior_preservation", *prior, "--unet_bs", "1"]
-    if method == "ti":
-        prior = []
+    if method == "ti":  # also: the authors' validation before training, and only that
+        prior = ["--validation_prompt", "a photo of {}", "--validate_before_training"]
+        prior += ["--ti_validation_steps", "0", "--validation_inference_steps", "1"]
     return [
         "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
         "--category", TINY_CATEGORY, "--output_dir", str(out), "--resolution",
@@ -223,6 +224,7 @@ def test_each_method_trains_its_set_and_leaves_the_same_layout(runs, tiny_model)
     ti, db, tidb = runs["ti"], runs["dreambooth"], runs["ti_db"]
     assert (ti / "stage_1" / "learned_embeds.safetensors").is_file()
     assert not (ti / "stage_2").exists() and not (ti / "stage_3").exists()
+    assert [p.name for p in (ti / "validation" / "stage_1").iterdir()] == ["step_0.png"]
     assert not (db / "stage_1").exists() and (db / "stage_3" / "stage_info.json").is_file()
     changed = {k for k, v in _unet(db / "stage_3").items() if not torch.equal(v, base[k])}
     assert len(changed) > 0.9 * len(base)  # the whole U-Net trains
