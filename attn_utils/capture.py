@@ -132,3 +132,9 @@ def capture_cross_attention(unet, controller: Controller) -> Iterator[list[str]]
         yield layers
     finally:
         unet.set_attn_processor(previous)
+
+
+def capture_if(wanted: bool, unet, controller: Controller):
+    """capture_cross_attention when `wanted` (a regulariser weight is non-zero), else
+    nothing: every layer keeps its fused kernel and no probabilities are materialised."""
+    return capture_cross_attention(unet, controller) if wanted else contextlib.nullcontext([])

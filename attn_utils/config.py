@@ -11,7 +11,6 @@ from pathlib import Path
 
 STAGE_NAMES = {1: "ti", 2: "attn", 3: "unet"}  # flag prefixes, as in the authors' launch script
 STAGE_TITLES = {1: "embedding", 2: "cross-attention", 3: "unet"}
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 class ConfigError(ValueError):
@@ -125,9 +124,25 @@ class RunConfig:
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
     local_files_only: bool = False
+    # --method and prior preservation (methods.py, docs/methods.md)
+    method: str = "attndreambooth"  # attndreambooth | ti | dreambooth | ti_db
+    identifier: str | None = None  # dreambooth: the rare existing word '{}' becomes
+    prompt_templates: list[str] | None = None  # ti: one sampled per image instead of the prompt
+    initializer_token: str | None = None  # initialises [V]; None: the category
+    flip_p: float = 0.25  # horizontal-flip probability of the augmentation (the authors')
+    validate_before_training: bool = False  # the authors validate at step 0 of every stage
+    with_prior_preservation: bool = False
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4  # class-image generation
+    class_inference_steps: int = 50
 
     @property
     def placeholder_tokens(self) -> list[str]:
+        if self.identifier is not None:  # dreambooth: no learned token, the rare word itself
+            return [self.identifier]
         return [f"{self.placeholder_token}_v{i}" for i in range(self.n_object_embedding)]
 
     def stage(self, index: int) -> StageConfig:
@@ -136,6 +151,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["placeholder_tokens"] = self.placeholder_tokens
+        from .methods import RECIPES  # methods.py imports this module
+
+        d["method_source"] = RECIPES[self.method].source
         return d
 
     @classmethod
@@ -176,18 +194,22 @@ def _stage_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .speed_flags import add_speed_flags
+
     p = argparse.ArgumentParser(
         description="AttnDreamBooth: embedding -> cross-attention -> U-Net, in one process."
     )
     p.add_argument("--pretrained_model_name_or_path", required=True)
     p.add_argument("--revision", default=None)
     p.add_argument("--instance_data_dir", required=True)
+    p.add_argument("--category", default=None, help="super-category word, e.g. 'sloth'")
     p.add_argument(
-        "--category",
         "--initialize_token",
-        dest="category",
-        required=True,
-        help="super-category word, e.g. 'sloth'",
+        "--initializer_token",
+        nargs="+",
+        default=None,
+        help="word(s) whose embedding initialises [V] (default: --category; alone, it is the "
+        "category too, as before)",
     )
     p.add_argument("--output_dir", required=True)
     p.add_argument(
@@ -210,28 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_inference_steps", type=int, default=25)
-    p.add_argument("--stages", default="1,2,3", help="subset to run, e.g. '2,3'")
+    p.add_argument("--stages", default=None, help="subset to run, e.g. '2,3' (default: all)")
     p.add_argument("--fast", action="store_true", help="the paper's fast stage 3 (1e-5, 200, 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--center_crop", action="store_true")
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--skip_bad_images", action="store_true")
-    p.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="autocast precision (default: what `accelerate launch` / `accelerate config` set)",
-    )
-    p.add_argument("--allow_tf32", action="store_true")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--use_8bit_adam", action="store_true")
-    p.add_argument(
-        "--fused_adam",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fused AdamW kernel (default: wherever torch has it)",
-    )
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
     p.add_argument(
         "--max_grad_norm",
@@ -240,36 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="clip gradients (the original effectively did not)",
     )
     p.add_argument("--noise_offset", type=float, default=0.0)
-    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    p.add_argument("--channels_last", action="store_true")
     p.add_argument(
-        "--torch_compile",
-        nargs="?",
-        const="unet",
-        default="none",
-        choices=["none", "unet", "blocks"],
-        help="compile the whole U-Net (bare flag) or each transformer/resnet block",
-    )
-    p.add_argument("--sdpa_backend", choices=list(SDPA_BACKENDS), default="auto")
+        "--offset_noise", dest="noise_offset", action="store_const", const=0.1, help="the "
+        "authors' switch: --noise_offset 0.1"
+    )  # fmt: skip
+    p.add_argument("--flip_p", type=float, default=0.25, help="horizontal-flip probability")
     p.add_argument(
-        "--offload_text_encoder",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep the text encoder on the CPU in stages 2-3 (default: on CUDA)",
-    )
-    p.add_argument("--logging_steps", type=int, default=10, help="read and log losses every N")
-    p.add_argument(
-        "--cache_latents",
+        "--validate_before_training",
         action="store_true",
-        help="train on a pool of pre-encoded augmented latents",
+        help="also validate at step 0 of every stage (the authors always do)",
     )
-    p.add_argument("--cache_latents_variants", type=int, default=16)
-    p.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=None,
-        help="default: up to 4 on a GPU, 0 on the CPU",
-    )
+    add_speed_flags(p)
     p.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
     p.add_argument(
         "--checkpointing_steps",
@@ -282,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
     p.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit")
     _stage_flags(p)
+    from .methods import add_method_flags
+
+    add_method_flags(p)
     return p
 
 
@@ -295,80 +286,57 @@ def _parse_stages(text: str) -> list[int]:
     return out
 
 
+STAGE_KEYS = (
+    "learning_rate",
+    "train_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "reg_mean_weight",
+    "reg_var_weight",
+    "validation_steps",
+    "checkpointing_steps",
+)
+
+
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    """Resolve defaults (paper, --fast, global flags, per-stage flags) and validate."""
+    """Resolve defaults (method preset, --fast, global flags, per-stage flags) and validate."""
+    from .methods import method_fields, stage_presets, validate_method
+
+    words = " ".join(ns.initialize_token or []).strip() or None
+    category = (ns.category or words or "").strip()
+    presets = stage_presets(ns.method, ns.fast)
     stages = []
     for idx, prefix in STAGE_NAMES.items():
-        vals = dict(PAPER_STAGES[idx])
-        if ns.fast and idx == 3:
-            vals.update(FAST_STAGE_3)
-        vals["checkpointing_steps"] = ns.checkpointing_steps or 0
-        for key in (
-            "learning_rate",
-            "train_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "reg_mean_weight",
-            "reg_var_weight",
-            "validation_steps",
-            "checkpointing_steps",
-        ):
-            v = getattr(ns, f"{prefix}_{key}")
-            if v is not None:
-                vals[key] = v
+        given = {k: getattr(ns, f"{prefix}_{k}") for k in STAGE_KEYS}
+        given = {k: v for k, v in given.items() if v is not None}
+        if idx not in presets:
+            if given:
+                raise ConfigError(
+                    f"--{prefix}_{next(iter(given))}: --method {ns.method} has no stage {idx}"
+                )
+            continue
+        vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
         stages.append(StageConfig(index=idx, **vals))
-    prompt = ns.instance_prompt or "a photo of a {} " + ns.category.strip()
-    cfg = RunConfig(
-        pretrained_model_name_or_path=ns.pretrained_model_name_or_path,
-        revision=ns.revision,
-        instance_data_dir=ns.instance_data_dir,
-        category=ns.category.strip(),
-        output_dir=ns.output_dir,
-        placeholder_token=ns.placeholder_token,
-        n_object_embedding=ns.n_object_embedding,
-        instance_prompt=prompt,
-        reg_category_target=ns.reg_category_target,
-        validation_prompt=ns.validation_prompt,
-        num_validation_images=ns.num_validation_images,
-        validation_inference_steps=ns.validation_inference_steps,
-        stages=stages,
-        run_stages=_parse_stages(ns.stages),
-        fast=ns.fast,
-        seed=ns.seed,
-        resolution=ns.resolution,
-        center_crop=ns.center_crop,
-        repeats=ns.repeats,
-        skip_bad_images=ns.skip_bad_images,
-        mixed_precision=ns.mixed_precision,
-        allow_tf32=ns.allow_tf32,
-        gradient_checkpointing=ns.gradient_checkpointing,
-        use_8bit_adam=ns.use_8bit_adam,
-        fused_adam=ns.fused_adam,
-        adam_weight_decay=ns.adam_weight_decay,
-        max_grad_norm=ns.max_grad_norm,
-        noise_offset=ns.noise_offset,
-        enable_xformers_memory_efficient_attention=ns.enable_xformers_memory_efficient_attention,
-        channels_last=ns.channels_last,
-        torch_compile=ns.torch_compile,
-        sdpa_backend=ns.sdpa_backend,
-        offload_text_encoder=ns.offload_text_encoder,
-        logging_steps=ns.logging_steps,
-        cache_latents=ns.cache_latents,
-        cache_latents_variants=ns.cache_latents_variants,
-        dataloader_num_workers=ns.dataloader_num_workers,
-        report_to=ns.report_to,
-        checkpoints_total_limit=ns.checkpoints_total_limit,
-        resume_from_checkpoint=ns.resume_from_checkpoint,
-        local_files_only=ns.local_files_only,
-    )
+    # Every other field is the flag of the same name.
+    same = {f.name for f in dataclasses.fields(RunConfig)} & set(vars(ns))
+    kw = {k: getattr(ns, k) for k in same}
+    kw.update(category=category, initializer_token=words, stages=stages)
+    kw["run_stages"] = _parse_stages(ns.stages) if ns.stages else sorted(presets)
+    cfg = RunConfig(**{**kw, **method_fields(ns, category, ns.output_dir)})
     validate(cfg)
+    validate_method(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no model: one ConfigError naming the flag."""
+    from .speed_flags import validate_speed_flags
+
     if not cfg.category:
         raise ConfigError("--category: must be a non-empty word, e.g. 'sloth'")
+    missing = sorted(set(cfg.run_stages) - {s.index for s in cfg.stages})
+    if missing:
+        raise ConfigError(f"--stages: --method {cfg.method} has no stage {missing[0]}")
     if not cfg.placeholder_token.strip() or any(c.isspace() for c in cfg.placeholder_token):
         raise ConfigError("--placeholder_token: must be one word without spaces")
     if cfg.n_object_embedding < 1:
@@ -383,14 +351,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--repeats: must be >= 1")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError("--checkpoints_total_limit: must be >= 1")
-    if cfg.logging_steps < 1:
-        raise ConfigError("--logging_steps: must be >= 1")
-    if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
-        raise ConfigError("--dataloader_num_workers: must be >= 0")
-    if cfg.use_8bit_adam and cfg.fused_adam:
-        raise ConfigError("--use_8bit_adam and --fused_adam: choose one optimiser")
-    if cfg.cache_latents and cfg.cache_latents_variants < 1:
-        raise ConfigError("--cache_latents_variants: must be >= 1")
+    validate_speed_flags(cfg)
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError("--max_grad_norm: must be > 0")
     needs = {

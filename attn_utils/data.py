@@ -139,7 +139,9 @@ def _seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def augment(img: Image.Image, resolution: int, center_crop: bool, rng: random.Random):
+def augment(
+    img: Image.Image, resolution: int, center_crop: bool, rng: random.Random, flip_p: float = 0.25
+):
     """The original's augmentation; returns a (3, R, R) tensor in [-1, 1]."""
     if rng.random() < 0.75:  # RandomRotation(45, expand=True), nearest, black fill
         img = img.rotate(rng.uniform(-45.0, 45.0), resample=Image.NEAREST, expand=True)
@@ -149,7 +151,7 @@ def augment(img: Image.Image, resolution: int, center_crop: bool, rng: random.Ra
     else:
         size = (max(resolution, int(resolution * w / h)), resolution)
     img = img.resize(size, resample=Image.BILINEAR)
-    if rng.random() < 0.25:
+    if rng.random() < flip_p:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     w, h = img.size
     if center_crop:
@@ -168,8 +170,9 @@ class InstanceDataset(Dataset):
     """
 
     def __init__(self, images, resolution: int, center_crop: bool, repeats: int, seed: int,
-                 stage: int):  # fmt: skip
+                 stage: int, flip_p: float = 0.25):  # fmt: skip
         self.images = images
+        self.flip_p = flip_p
         self.resolution = resolution
         self.center_crop = center_crop
         self.epoch_len = len(images) * repeats
@@ -188,7 +191,8 @@ class InstanceDataset(Dataset):
     def __getitem__(self, g: int) -> torch.Tensor:
         item = int(self._order(g // self.epoch_len)[g % self.epoch_len])
         rng = random.Random(_seed(self.seed, self.stage, "aug", g))
-        return augment(self.images[item % len(self.images)], self.resolution, self.center_crop, rng)
+        img = self.images[item % len(self.images)]
+        return augment(img, self.resolution, self.center_crop, rng, self.flip_p)
 
 
 class StepBatches(Sampler):

@@ -118,7 +118,9 @@ def resolve_source(
         category = category or cfg.category
         local_files_only = local_files_only or cfg.local_files_only
         tokens = cfg.placeholder_tokens
-        if embedding_path is None:
+        if cfg.identifier is not None:  # dreambooth: a rare word of the vocabulary, no file
+            category, tokens = " ".join([*tokens, category or ""]).strip(), []
+        elif embedding_path is None:
             if stage_info(run, 1) is None:
                 raise ConfigError(f"--run_dir: {stage_dir(run, 1)} is missing (stage 1 not done)")
             embedding_path = str(stage_dir(run, 1) / EMBEDS_FILE)

@@ -28,9 +28,10 @@ class LatentPool:
         seed: int,
         device,
         batch_size: int = 8,
+        flip_p: float = 0.25,
     ) -> None:
         pixels = [
-            augment(img, resolution, center_crop, random.Random(_seed(seed, "pool", i, v)))
+            augment(img, resolution, center_crop, random.Random(_seed(seed, "pool", i, v)), flip_p)
             for v in range(variants)
             for i, img in enumerate(images)
         ]
@@ -50,7 +51,7 @@ class LatentPool:
 
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Unscaled latents for pool entries idx (B,), sampled like latent_dist.sample()."""
-        idx = idx.to(self.mean.device)
+        idx = idx.to(self.mean.device, non_blocking=True)  # pinned by the loader: no sync
         eps = torch.randn(self.mean[idx].shape, generator=generator, device=self.mean.device)
         return self.mean[idx] + self.std[idx] * eps
 

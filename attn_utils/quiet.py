@@ -28,15 +28,27 @@ class OncePerMessage(logging.Filter):
 
 
 def third_party_warnings_once() -> OncePerMessage:
-    """Install the filter on the libraries' handlers and the root's; Python warnings once.
+    """Put one shared filter on the libraries' own handlers and loggers; Python warnings once.
 
-    Call after the libraries are imported: diffusers and transformers attach their own
-    handlers (and reset their levels) on import.
+    diffusers and transformers print through a handler of their own (no propagation), made
+    on import: a filter there sees every module's records, even of modules imported later.
+    Libraries without one get the filter on each logger that exists now. Other handlers
+    (the root's, pytest's) are left alone, so the project's own records are never filtered.
     """
     once = OncePerMessage()
-    for name in (*LIBRARIES, ""):
-        for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, OncePerMessage) for f in handler.filters):
-                handler.addFilter(once)
+
+    def add(target) -> None:
+        if not any(isinstance(f, OncePerMessage) for f in target.filters):
+            target.addFilter(once)
+
+    shared = set(logging.root.handlers)  # torch's logger, for one, may hold the root's
+    for name in LIBRARIES:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers if not logger.propagate else []:
+            if handler not in shared:
+                add(handler)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in LIBRARIES:
+            add(logger)
     warnings.simplefilter("once")
     return once

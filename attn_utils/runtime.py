@@ -11,6 +11,7 @@ import signal
 import torch
 
 from .config import ConfigError, RunConfig, StageConfig
+from .methods import recipe_identity
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, w
             max_grad_norm=cfg.max_grad_norm,
         ),
         mixed_precision=cfg.mixed_precision,
+        **recipe_identity(cfg),  # --method, prior preservation and the like; {} by default
     )
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

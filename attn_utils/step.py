@@ -28,11 +28,17 @@ def denoise_losses(
     reg_var_weight: float,
     noise_offset: float = 0.0,
     channels_last: bool = False,
+    n_instance: int | None = None,
+    prior_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(denoising MSE, attention regulariser) for one micro-batch; `unet` runs under capture.
+    """(denoising MSE, attention regulariser) for one micro-batch; `unet` runs under capture
+    unless both regulariser weights are 0.
 
     latents (B, 4, h, w); text (1 or B, 77, D), broadcast over the batch; timesteps uniform
     in [0, num_train_timesteps); target epsilon or velocity as the scheduler is configured.
+    Prior preservation: the first n_instance samples are instance images, the rest class
+    images; the MSE is instance MSE + prior_loss_weight x class MSE, and the regulariser
+    sees the instance samples only (the class prompt has no placeholder).
     """
     b, device = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=gen, device=device)
@@ -50,6 +56,13 @@ def denoise_losses(
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     stats.reset()
     pred = unet(noisy, t, text.expand(b, -1, -1)).sample
-    mse = denoising_loss(pred, target)
-    reg = attention_reg_loss(list(stats.stats.values()), k, reg_mean_weight, reg_var_weight)
-    return mse, reg
+    if n_instance is None:
+        mse = denoising_loss(pred, target)
+    else:
+        i = n_instance
+        mse = denoising_loss(pred[:i], target[:i])
+        mse = mse + prior_loss_weight * denoising_loss(pred[i:], target[i:])
+    if not (reg_mean_weight or reg_var_weight):  # nothing captured: the regulariser is off
+        return mse, torch.zeros((), device=device)
+    layers = [(m[:n_instance], v[:n_instance]) for m, v in stats.stats.values()]
+    return mse, attention_reg_loss(layers, k, reg_mean_weight, reg_var_weight)

@@ -9,26 +9,26 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ck
 from .background import BackgroundWriter, HostSnapshot, finish_writes
-from .capture import TokenStats, capture_cross_attention
+from .capture import TokenStats, capture_if
 from .config import ConfigError, RunConfig, StageConfig
-from .data import InstanceDataset, StepBatches, data_fingerprint, load_instance_images, step_seed
-from .latents import LatentPool, PoolIndices
+from .data import data_fingerprint, load_instance_images, step_seed
+from .loader import stage_loader
 from .meter import StepMeter
+from .methods import concept_token_ids, prompt_ids, training_prompts
 from .models import library_versions, load_base_model, model_fingerprint
 from .pipeline import encode_validation_prompt, render_validation
 from .placement import (
     attention_backend,
-    loader_workers,
     offloads_text_encoder,
     peak_memory,
     place_models,
     reset_peak,
 )
+from .prior import prior_losses, setup_prior
 from .runtime import (
     StopRequest,
     TrainingStopped,
@@ -47,7 +47,6 @@ from .stages import (
     select_trainable,
 )
 from .step import denoise_losses, encode_latents
-from .tokens import add_placeholder_tokens, fill_prompt, regularisation_columns
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +65,16 @@ class Trainer:
             cfg.instance_data_dir, cfg.resolution, cfg.skip_bad_images
         )
         self.data_fp = data_fingerprint(paths)
-        for stage in range(1, max(cfg.run_stages)):  # before loading any model
+        for stage in [s.index for s in cfg.stages if s.index < max(cfg.run_stages)]:
             if stage not in cfg.run_stages and ck.stage_info(self.run_dir, stage) is None:
                 raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
         self.model_fp = model_fingerprint(cfg.pretrained_model_name_or_path, cfg.revision)
         m = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.local_files_only)
         self.tokenizer, self.text_encoder, self.vae = m.tokenizer, m.text_encoder, m.vae
         self.unet, self.noise_scheduler = m.unet, m.noise_scheduler
-        self.token_ids = add_placeholder_tokens(
-            self.tokenizer, self.text_encoder, cfg.placeholder_tokens, cfg.category
-        )
-        prompt = fill_prompt(cfg.instance_prompt, cfg.placeholder_tokens)
-        self.input_ids, self.columns = regularisation_columns(
-            self.tokenizer, prompt, self.token_ids, cfg.category, cfg.reg_category_target == "all"
-        )
+        self.token_ids = concept_token_ids(cfg, self.tokenizer, self.text_encoder)
+        # (P, 77), (P, K): the instance prompt, or (--method ti) one row per template
+        self.input_ids, self.columns = training_prompts(cfg, self.tokenizer, self.token_ids)
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self.text_cache = None  # (1, 77, D) encoder output for stages 2-3
         self.validation_embeds = None  # (prompt, negative) embeddings once the encoder rests
@@ -90,39 +85,6 @@ class Trainer:
         place_models(self)
 
     # ------------------------------------------------------------------ setup
-    def _loader(self, k: int, sc: StageConfig, start: int) -> DataLoader:
-        """Augmented images, or (--cache_latents) indices into a pool encoded once per run."""
-        cfg, acc = self.cfg, self.acc
-        if not cfg.cache_latents:
-            dataset = InstanceDataset(
-                self.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k
-            )
-        else:
-            if self.pool is None:
-                with self._autocast():
-                    self.pool = LatentPool(
-                        self.images,
-                        self.vae,
-                        cfg.resolution,
-                        cfg.center_crop,
-                        cfg.cache_latents_variants,
-                        cfg.seed,
-                        self.device,
-                    )
-            dataset = PoolIndices(len(self.pool), cfg.seed, k)
-        ga = sc.gradient_accumulation_steps
-        sampler = StepBatches(
-            sc.batch_size, start * ga, sc.train_steps * ga, acc.process_index, acc.num_processes
-        )
-        workers = loader_workers(cfg.dataloader_num_workers, self.device, cfg.cache_latents)
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=workers,
-            prefetch_factor=4 if workers else None,
-            pin_memory=self.device.type == "cuda",  # so the copies to the GPU run async
-        )
-
     def _cached_text(self) -> torch.Tensor:
         """(1, 77, D) output of the frozen encoder on the fixed prompt, once per run.
 
@@ -135,6 +97,9 @@ class Trainer:
                 self.text_cache = self.text_encoder(self.input_ids)[0].float()
                 if self.cfg.validation_prompt:
                     self.validation_embeds = encode_validation_prompt(self)
+                if self.prior is not None and self.prior.text is None:  # the class prompt
+                    ids = self.prior.input_ids.to(self.device)
+                    self.prior.text = self.text_encoder(ids)[0].float()
             if offloads_text_encoder(self.cfg.offload_text_encoder, self.device):
                 self.text_encoder.to("cpu")
         return self.text_cache
@@ -155,6 +120,7 @@ class Trainer:
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
         cfg, acc = self.cfg, self.acc
+        self.prior = setup_prior(self)  # class images, from the base model before any stage
         if acc.is_main_process:
             ck.recover_interrupted_writes(self.run_dir)
             ck.write_json_atomically(
@@ -176,7 +142,7 @@ class Trainer:
             )
         # one StopRequest for the run: a signal between stages counts too
         with StopRequest() as self.stop, finish_writes(self.writer):
-            for stage in range(1, max(cfg.run_stages) + 1):
+            for stage in [s.index for s in cfg.stages if s.index <= max(cfg.run_stages)]:
                 self._run_stage(stage, resume)
         acc.end_training()
 
@@ -233,7 +199,7 @@ class Trainer:
         cached = self._cached_text() if k >= 2 else None  # frozen encoder, fixed prompt
         self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
         ga = sc.gradient_accumulation_steps
-        loader = self._loader(k, sc, start)
+        loader = stage_loader(self, sc, start)
         stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
         stats.columns = self.columns  # (1, k + category columns), on the device
         meter = StepMeter(self.device)
@@ -246,8 +212,11 @@ class Trainer:
         )
         reset_peak(self.device)
         step, t0 = start, time.perf_counter()
+        if cfg.validate_before_training and start == 0:
+            self._validate(k, 0, stats)
+        capture = capture_if(bool(sc.reg_mean_weight or sc.reg_var_weight), self.unet, stats)
         # closed on every exit, so an error message starts on a line of its own
-        with contextlib.closing(bar), capture_cross_attention(self.unet, stats):
+        with contextlib.closing(bar), capture:
             for micro, batch in enumerate(loader, start=start * ga):
                 last_micro = (micro + 1) % ga == 0
                 sync = last_micro or acc.num_processes == 1
@@ -261,7 +230,8 @@ class Trainer:
                         step_seed(cfg.seed, k, micro, acc.process_index)
                     )
                     with self._autocast():
-                        text = self.text_encoder(self.input_ids)[0] if k == 1 else cached
+                        ids = prompt_ids(self, k, micro, stats) if k == 1 else None
+                        text = self.text_encoder(ids)[0] if k == 1 else cached
                         mse, reg = self._losses(ddp_unet, batch, text, gen, stats, sc)
                         loss = (mse + reg) / ga
                     loss_bad = meter.add_micro(mse, reg, ga)
@@ -290,6 +260,7 @@ class Trainer:
                 if (acc.num_processes == 1 or step % cfg.logging_steps == 0) and stop_requested(
                     self.stop, self.device
                 ):
+                    self._read_meter(meter, k, step, sc, bar)  # never checkpoint a bad step
                     path = self._checkpoint(k, step, params, optimizer, scaler)
                     self.writer.wait()
                     raise TrainingStopped(
@@ -307,9 +278,12 @@ class Trainer:
 
     def _read_meter(self, meter: StepMeter, k: int, step: int, sc: StageConfig, bar) -> None:
         """Log the means since the last read; stop if a loss or gradient was not finite."""
+        fresh = meter.steps > 0  # steps since the last read: nothing new to log otherwise
         logs, bad = meter.read()
         if bad is not None:
             raise TrainingStopped(self._nan_message(k, bad[0], bad[1]), 3)
+        if not fresh:
+            return
         logs["lr"] = sc.learning_rate
         bar.set_postfix(
             loss=f"{logs['loss']:.4f}", reg=f"{logs['reg']:.4g}", lr=f"{sc.learning_rate:.1e}"
@@ -319,6 +293,8 @@ class Trainer:
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
         """Denoising MSE and attention regulariser for one micro-batch."""
+        if isinstance(batch, (list, tuple)):  # prior preservation: (instance, class) samples
+            return prior_losses(self, unet, batch, text, gen, stats, sc)
         if self.pool is not None:  # the batch holds pool indices
             latents = self.pool.sample(batch, gen) * self.vae.config.scaling_factor
         else:

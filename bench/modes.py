@@ -122,6 +122,7 @@ class StageRun:
         else:
             self.params = select_trainable(stage, m.unet, m.text_encoder, m.token_ids)
             plist = list(self.params.named.values())
+        self.plist = plist
         self.n_trainable = sum(p.numel() for p in plist)
         run_cfg = RunConfig(
             "random", "-", "-", "-", use_8bit_adam=v.adam8bit, fused_adam=v.fused_adam
@@ -194,9 +195,14 @@ class StageRun:
             mse, reg = self.losses(gen)
             loss = mse + reg
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "ours":  # the trainer's update: finiteness flag, skipped on the device
+            from attn_utils.runtime import optimizer_step
+
+            optimizer_step(self.optimizer, self.scaler, self.plist, None)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.keep is not None:  # the original's "restore every row but the placeholder"
             with torch.no_grad():
                 table = self.m.text_encoder.get_input_embeddings().weight

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, train_argv
 from device_emulation import ForeignDefaultDevice
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import inference
 import train_attndreambooth
@@ -112,3 +113,36 @@ def test_benchmark_steps_make_every_tensor_on_its_device(mode_name):
             with StageRun(m, stage, mode_name, Variant(), pixels) as run:
                 run.step(0)
     assert mode.redirected == []
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for a CUDA device (.item(), bool(t), ...)."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func).startswith(self.SYNCS)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_do_not_wait_for_the_device(tiny_model, concept, tmp_path):
+    """More steps, same number of host reads: none per step between logging intervals.
+
+    Without the fused optimiser (which skips a non-finite step from a device flag) the
+    finiteness checks read the device every step: the count then grows, as it must.
+    """
+    reads = {}
+    for opt in ("--fused_adam", "--no-fused_adam"):
+        for n in ("2", "5"):
+            steps = [x for k in ("ti", "attn", "unet") for x in (f"--{k}_train_steps", n)]
+            out = tmp_path / f"{opt}{n}"
+            argv = train_argv(tiny_model, concept, out, "--logging_steps", "100", opt, *steps)
+            with HostReads() as mode:
+                assert train_attndreambooth.main(argv) == 0
+            reads[opt, n] = mode.count
+    assert reads["--fused_adam", "2"] == reads["--fused_adam", "5"] > 0
+    assert reads["--no-fused_adam", "5"] - reads["--no-fused_adam", "2"] >= 3 * 3  # 3 stages

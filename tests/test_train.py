@@ -356,3 +356,18 @@ def test_flag_needing_a_missing_package_fails_before_loading(flag, package, monk
     assert train_attndreambooth.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {flag}: needs the package {package!r} (pip install {package})"]
+
+
+def test_mixed_precision_defaults_to_what_accelerate_says(tmp_path, tiny_model, concept):
+    """`accelerate launch --mixed_precision bf16` (or its config file) sets this variable."""
+    out = tmp_path / "run"
+    argv = train_argv(tiny_model, concept, out, "--stages", "1", "--ti_train_steps", "1")
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    r = subprocess.run([sys.executable, "train_attndreambooth.py", *argv], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+    plan = json.loads(subprocess.run(
+        [sys.executable, "train_attndreambooth.py", *argv, "--dry_run"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60).stdout)  # fmt: skip
+    assert plan["mixed_precision"] is None  # the plan says "not chosen here"

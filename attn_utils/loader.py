@@ -1,0 +1,45 @@
+"""The batches a stage's loop reads: augmented images or latent-pool indices, class images
+for prior preservation, split over processes, loaded in worker processes on a GPU."""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from .config import StageConfig
+from .data import InstanceDataset, StepBatches
+from .latents import LatentPool, PoolIndices
+from .placement import loader_workers
+from .prior import with_class_images
+
+
+def stage_loader(trainer, sc: StageConfig, start: int) -> DataLoader:
+    """Micro-batches start..end of stage sc for this process (resumable: no iteration state).
+
+    With --cache_latents the pool is encoded on the first call and kept for later stages.
+    """
+    cfg, acc, k = trainer.cfg, trainer.acc, sc.index
+    if not cfg.cache_latents:
+        dataset = InstanceDataset(
+            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, cfg.flip_p
+        )
+    else:
+        if trainer.pool is None:
+            with trainer._autocast():
+                trainer.pool = LatentPool(
+                    trainer.images, trainer.vae, cfg.resolution, cfg.center_crop,
+                    cfg.cache_latents_variants, cfg.seed, trainer.device, flip_p=cfg.flip_p,
+                )  # fmt: skip
+        dataset = PoolIndices(len(trainer.pool), cfg.seed, k)
+    dataset = with_class_images(trainer, dataset, k)
+    ga = sc.gradient_accumulation_steps
+    sampler = StepBatches(
+        sc.batch_size, start * ga, sc.train_steps * ga, acc.process_index, acc.num_processes
+    )
+    workers = loader_workers(cfg.dataloader_num_workers, trainer.device, cfg.cache_latents)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=trainer.device.type == "cuda",  # so the copies to the GPU run async
+    )

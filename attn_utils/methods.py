@@ -1,0 +1,242 @@
+"""The paper's baselines as named recipes of the same stage machinery (--method).
+
+    attndreambooth  stages 1, 2, 3 with the regulariser: the paper (SPEC.md)
+    ti              stage 1 alone, no regulariser: the diffusers textual_inversion example
+    dreambooth      stage 3 alone on a rare word, prior preservation: the diffusers DreamBooth
+                    example
+    ti_db           stage 1 then stage 3, no regulariser: the paper's TI+DB baseline
+
+docs/methods.md lists each recipe's source, its numbers and where ours differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import FAST_STAGE_3, PAPER_STAGES, ConfigError, RunConfig
+from .templates import TI_OBJECT_TEMPLATES
+
+NO_REG = dict(reg_mean_weight=0.0, reg_var_weight=0.0)
+# diffusers textual_inversion README: batch 1 x accumulation 4, lr 5e-4 with --scale_lr
+# (x accumulation x batch x processes), 3000 steps, constant lr. Scaled here for one process.
+TI_STAGE_1 = dict(
+    learning_rate=5e-4 * 4 * 1,
+    train_steps=3000,
+    batch_size=1,
+    gradient_accumulation_steps=4,
+    validation_steps=100,  # the example's --validation_steps default
+    **NO_REG,
+)
+# diffusers DreamBooth README: lr 5e-6, batch 1, no accumulation, 800 steps with prior
+# preservation (200 class images, weight 1.0), constant lr; 2e-6 when the text encoder trains.
+DREAMBOOTH_STAGE_3 = dict(
+    learning_rate=5e-6,
+    train_steps=800,
+    batch_size=1,
+    gradient_accumulation_steps=1,
+    validation_steps=100,
+    **NO_REG,
+)
+TI_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/textual_inversion"
+DB_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/dreambooth"
+PAPER_SOURCE = "Pang et al., AttnDreamBooth, NeurIPS 2024 (arXiv 2406.05000), and its code"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method: which stages run with which preset values, and where the numbers come from."""
+
+    name: str
+    stages: dict[int, dict]
+    source: str
+    prompt: str = "a photo of a {} {category}"  # default --instance_prompt
+    templates: bool = False  # sample one of TI_OBJECT_TEMPLATES per image (stage 1)
+    identifier: bool = False  # {} is an existing rare word: no token is added or learned
+    prior: dict = field(default_factory=dict)  # prior-preservation presets
+
+
+RECIPES = {
+    "attndreambooth": Recipe("attndreambooth", dict(PAPER_STAGES), PAPER_SOURCE),
+    "ti": Recipe("ti", {1: TI_STAGE_1}, TI_SOURCE, templates=True),
+    "dreambooth": Recipe(
+        "dreambooth",
+        {3: DREAMBOOTH_STAGE_3},
+        DB_SOURCE,
+        prompt="a photo of {} {category}",  # the example's "a photo of sks dog"
+        identifier=True,
+        prior=dict(with_prior_preservation=True, num_class_images=200, prior_loss_weight=1.0),
+    ),
+    "ti_db": Recipe(
+        "ti_db",
+        {1: {**PAPER_STAGES[1], **NO_REG}, 3: {**PAPER_STAGES[3], **NO_REG}},
+        "the paper's TI+DB baseline: our stage 1, then our stage 3, without the regulariser",
+    ),
+}
+
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """--method and the prior-preservation flags (names as in the diffusers examples)."""
+    g = p.add_argument_group("method and prior preservation (docs/methods.md)")
+    g.add_argument("--method", choices=list(RECIPES), default="attndreambooth")
+    g.add_argument(
+        "--identifier", default=None, help="dreambooth: the rare existing word (default 'sks')"
+    )
+    g.add_argument(
+        "--with_prior_preservation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add W x the denoising loss on generated class images (stage 3; default: on for "
+        "dreambooth, off otherwise)",
+    )
+    g.add_argument("--class_data_dir", default=None, help="default: <output_dir>/class_images")
+    g.add_argument("--class_prompt", default=None, help="default: --instance_prompt without {}")
+    g.add_argument("--num_class_images", type=int, default=None, help="default 200 / 100")
+    g.add_argument("--prior_loss_weight", type=float, default=None, help="default 1.0")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="class-image generation")
+    g.add_argument("--class_inference_steps", type=int, default=50, help="class-image sampler")
+
+
+def stage_presets(method: str, fast: bool) -> dict[int, dict]:
+    """Preset values of the method's stages; --fast is the paper's fast stage 3."""
+    rec = RECIPES[method]
+    out = {i: dict(v) for i, v in rec.stages.items()}
+    if fast:
+        if method not in ("attndreambooth", "ti_db"):
+            raise ConfigError(f"--fast: the paper's fast stage 3, not part of --method {method}")
+        out[3].update(FAST_STAGE_3)
+    return out
+
+
+def method_fields(ns: argparse.Namespace, category: str, output_dir: str) -> dict:
+    """RunConfig fields that the method and the prior-preservation flags decide."""
+    rec = RECIPES[ns.method]
+    prompt = ns.instance_prompt or rec.prompt.replace("{category}", category)
+    prior = rec.prior
+    with_prior = ns.with_prior_preservation
+    with_prior = prior.get("with_prior_preservation", False) if with_prior is None else with_prior
+    for flag in ("class_data_dir", "class_prompt", "num_class_images", "prior_loss_weight"):
+        if getattr(ns, flag) is not None and not with_prior:
+            raise ConfigError(f"--{flag}: only means something with --with_prior_preservation")
+    if ns.identifier is not None and not rec.identifier:
+        raise ConfigError(f"--identifier: only --method dreambooth uses it, not {ns.method}")
+    templates = None
+    if rec.templates:
+        templates = [t.replace("{}", "{} " + category) for t in TI_OBJECT_TEMPLATES]
+    return dict(
+        method=ns.method,
+        instance_prompt=prompt,
+        identifier=(ns.identifier or "sks") if rec.identifier else None,
+        prompt_templates=templates,
+        with_prior_preservation=with_prior,
+        class_data_dir=ns.class_data_dir or f"{output_dir}/class_images",
+        class_prompt=ns.class_prompt or " ".join(prompt.replace("{}", " ").split()),
+        num_class_images=ns.num_class_images or prior.get("num_class_images", 100),
+        prior_loss_weight=(
+            ns.prior_loss_weight
+            if ns.prior_loss_weight is not None
+            else prior.get("prior_loss_weight", 1.0)
+        ),
+        sample_batch_size=ns.sample_batch_size,
+        class_inference_steps=ns.class_inference_steps,
+    )
+
+
+def validate_method(cfg: RunConfig) -> None:
+    """Checks of the method and prior-preservation settings: one ConfigError naming the flag."""
+    from pathlib import Path
+
+    if cfg.identifier is not None and (not cfg.identifier.strip() or " " in cfg.identifier):
+        raise ConfigError("--identifier: must be one word, e.g. 'sks'")
+    if not 0.0 <= cfg.flip_p <= 1.0:
+        raise ConfigError("--flip_p: must be a probability in [0, 1]")
+    if not cfg.with_prior_preservation:
+        return
+    if 3 not in [s.index for s in cfg.stages]:
+        raise ConfigError(
+            f"--with_prior_preservation: --method {cfg.method} does not train the U-Net"
+        )
+    for flag in ("num_class_images", "sample_batch_size", "class_inference_steps"):
+        if getattr(cfg, flag) < 1:
+            raise ConfigError(f"--{flag}: must be >= 1")
+    if cfg.prior_loss_weight < 0:
+        raise ConfigError("--prior_loss_weight: must be >= 0")
+    if not cfg.class_prompt.strip():
+        raise ConfigError("--class_prompt: must not be empty")
+    a, b = Path(cfg.class_data_dir).resolve(), Path(cfg.instance_data_dir).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ConfigError(
+            f"--class_data_dir: {cfg.class_data_dir} overlaps --instance_data_dir; class "
+            "images must never mix with instance images"
+        )
+
+
+def recipe_identity(cfg: RunConfig) -> dict:
+    """What the method and its options add to a stage's fingerprint ({} for the paper's
+    default recipe, so folders trained before --method existed stay valid)."""
+    ident = {}
+    if cfg.method != "attndreambooth":
+        ident.update(method=cfg.method, identifier=cfg.identifier, templates=cfg.prompt_templates)
+    if cfg.initializer_token and cfg.initializer_token != cfg.category:
+        ident["initializer"] = cfg.initializer_token
+    if cfg.flip_p != 0.25:
+        ident["flip_p"] = cfg.flip_p
+    if cfg.with_prior_preservation:
+        ident["prior"] = [cfg.class_prompt, cfg.num_class_images, cfg.prior_loss_weight]
+    return ident
+
+
+# ---------------------------------------------------------------- tokens and prompts
+
+
+def concept_token_ids(cfg: RunConfig, tokenizer, text_encoder) -> list[int]:
+    """Ids of what '{}' becomes: new placeholder rows, or (dreambooth) the rare word's
+    existing sub-tokens, for which nothing is added to the tokenizer or the table."""
+    from .tokens import add_placeholder_tokens, category_token_ids
+
+    if cfg.identifier is not None:
+        ids = category_token_ids(tokenizer, cfg.identifier)
+        if not ids:
+            raise ConfigError(f"--identifier: {cfg.identifier!r} gives no tokens")
+        return ids
+    init = cfg.initializer_token or cfg.category
+    return add_placeholder_tokens(tokenizer, text_encoder, cfg.placeholder_tokens, init)
+
+
+def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int]):
+    """(input_ids (P, 77), regularisation columns (P, K)) of the P training prompts:
+    the instance prompt (P = 1) or the Textual Inversion templates."""
+    from .tokens import fill_prompt, regularisation_columns
+
+    rows = [
+        regularisation_columns(
+            tokenizer,
+            fill_prompt(t, cfg.placeholder_tokens),
+            token_ids,
+            cfg.category,
+            cfg.reg_category_target == "all",
+        )
+        for t in cfg.prompt_templates or [cfg.instance_prompt]
+    ]
+    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+
+def _pick(seed: int, stage: int, g: int, n: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{stage}/template/{g}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % n
+
+
+def prompt_ids(trainer, k: int, micro: int, stats) -> torch.Tensor:
+    """The input ids of one micro-batch: the one prompt, or a template per sample drawn from
+    the global sample number (so a resumed stage draws the same), with its columns."""
+    ids = trainer.input_ids
+    if ids.shape[0] == 1:
+        return ids
+    acc, b = trainer.acc, trainer.cfg.stage(k).batch_size
+    first = (micro * acc.num_processes + acc.process_index) * b  # as data.StepBatches
+    pick = [_pick(trainer.cfg.seed, k, g, ids.shape[0]) for g in range(first, first + b)]
+    stats.columns = trainer.columns[pick]  # (B, K)
+    return ids[pick]  # (B, 77)

@@ -1,0 +1,212 @@
+"""DreamBooth's prior preservation: class images (generated once, resumable), the class
+stream of the data, and the loss over one batch that concatenates instance and class samples.
+
+Class images live in their own folder (--class_data_dir), never among the instance images.
+Missing ones are sampled with the base model already in memory, before any stage changes
+it; each is written atomically, so an interrupted generation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .config import ConfigError
+from .data import InstanceDataset, _readable_suffixes, _seed, data_fingerprint, load_image, shown
+from .step import denoise_losses, encode_latents
+
+log = logging.getLogger(__name__)
+
+PRIOR_STAGE = 3  # the stage that trains the whole U-Net takes the prior term
+
+
+def class_image_files(folder: Path) -> list[Path]:
+    """Image files of a class folder, by name; hidden files (our .tmp-*) are not images."""
+    suffixes = _readable_suffixes()
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+    )  # fmt: skip
+
+
+def load_class_images(files: list[Path]) -> list[Image.Image]:
+    """Decode every class image; the first unreadable one is one clear error naming it."""
+    images = []
+    for p in files:
+        try:
+            images.append(load_image(p))
+        except (ValueError, OSError) as e:
+            raise ConfigError(
+                f"--class_data_dir: {shown(p)}: {e}; delete it (missing class images are "
+                "generated) or choose another folder"
+            ) from None
+    return images
+
+
+def generate_class_images(
+    folder: Path,
+    n: int,
+    sample: Callable[[list[int]], list[Image.Image]],
+    batch_size: int,
+    seed: int,
+    show_bar: bool = True,
+) -> int:
+    """Top the folder up to n images; return how many were made.
+
+    Image i is class_<i>.png from the noise of its own seed, so a generation interrupted
+    and resumed writes the same files as one that ran through. Each file is written under a
+    hidden name, then renamed: a partial file is never counted.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for tmp in folder.glob(".tmp-class_*"):  # left by an interrupted write
+        tmp.unlink(missing_ok=True)
+    have = class_image_files(folder)
+    load_class_images(have)  # refuse an unreadable folder before spending time on it
+    names = {p.name for p in have}
+    todo = [i for i in range(n) if f"class_{i:05d}.png" not in names][: max(0, n - len(have))]
+    bar = tqdm(total=len(todo), desc="class images", disable=not show_bar, dynamic_ncols=True)
+    with bar:
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start : start + batch_size]
+            images = sample([_seed(seed, "class-image", i) for i in idx])
+            for i, img in zip(idx, images):
+                final = folder / f"class_{i:05d}.png"
+                tmp = folder / f".tmp-{final.name}"
+                img.save(tmp, format="PNG")
+                os.replace(tmp, final)
+                bar.update(1)
+    return len(todo)
+
+
+def trainer_sampler(trainer) -> Callable[[list[int]], list[Image.Image]]:
+    """Sample the class prompt with the resident base modules (nothing is reloaded)."""
+    from .pipeline import make_pipeline
+    from .render import initial_latents
+
+    cfg, tr = trainer.cfg, trainer
+    pipe = make_pipeline(tr.tokenizer, tr.text_encoder, tr.vae, tr.unet, tr.noise_scheduler.config)
+    side = cfg.resolution // pipe.vae_scale_factor
+    shape = (tr.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def sample(seeds: list[int]) -> list[Image.Image]:
+        vae_dtype = tr.vae.dtype
+        if vae_dtype != torch.float32:  # decode in fp32: half-precision decodes can overflow
+            tr.vae.to(torch.float32)
+        try:
+            with tr._autocast():
+                return pipe(
+                    [cfg.class_prompt] * len(seeds),
+                    latents=initial_latents(seeds, shape).to(tr.device),
+                    num_inference_steps=cfg.class_inference_steps,
+                    height=cfg.resolution,
+                    width=cfg.resolution,
+                ).images
+        finally:
+            if vae_dtype != torch.float32:
+                tr.vae.to(vae_dtype)
+
+    return sample
+
+
+@dataclass
+class Prior:
+    """The class images of a run and the class prompt's ids (its features, once computed)."""
+
+    images: list[Image.Image]
+    input_ids: torch.Tensor  # (1, 77)
+    text: torch.Tensor | None = None  # (1, 77, D), computed on first use
+
+
+def setup_prior(trainer) -> Prior | None:
+    """Generate missing class images (main process; the others wait), then load them all."""
+    cfg, acc = trainer.cfg, trainer.acc
+    if not cfg.with_prior_preservation:
+        return None
+    folder = Path(cfg.class_data_dir)
+    if acc.is_main_process:
+        made = generate_class_images(
+            folder,
+            cfg.num_class_images,
+            trainer_sampler(trainer),
+            cfg.sample_batch_size,
+            cfg.seed,
+        )
+        if made:
+            log.info("generated %d class image(s) in %s", made, folder)
+    acc.wait_for_everyone()
+    files = class_image_files(folder)[: cfg.num_class_images]
+    if len(files) < cfg.num_class_images:
+        raise ConfigError(f"--class_data_dir: {folder} holds {len(files)} class image(s), "
+                          f"fewer than --num_class_images {cfg.num_class_images}")  # fmt: skip
+    # The class images are training data: a change to them must not resume a finished stage.
+    joined = trainer.data_fp + data_fingerprint(files)
+    trainer.data_fp = hashlib.sha256(joined.encode()).hexdigest()
+    ids = trainer.tokenizer(
+        cfg.class_prompt,
+        padding="max_length",
+        max_length=trainer.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return Prior(load_class_images(files), ids)
+
+
+class InstanceAndClass(Dataset):
+    """Item g: (instance sample g, class sample g); the two never share a stream."""
+
+    def __init__(self, instance: Dataset, classes: Dataset) -> None:
+        self.instance, self.classes = instance, classes
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def __getitem__(self, g: int):
+        return self.instance[g], self.classes[g]
+
+
+def with_class_images(trainer, dataset: Dataset, k: int) -> Dataset:
+    """The stage's dataset, paired with the class stream when the prior term applies."""
+    prior = getattr(trainer, "prior", None)
+    if prior is None or k != PRIOR_STAGE:
+        return dataset
+    cfg = trainer.cfg
+    # Same augmentation as the instance images (the authors' code shares one transform);
+    # stage -k keeps the class stream's order and draws apart from the instance stream's.
+    classes = InstanceDataset(
+        prior.images, cfg.resolution, cfg.center_crop, 1, cfg.seed, -k, cfg.flip_p
+    )
+    return InstanceAndClass(dataset, classes)
+
+
+def prior_losses(trainer, unet, batch, text: torch.Tensor, gen, stats, sc):
+    """(instance MSE + W x class MSE, regulariser on the instance half) of one micro-batch."""
+    inst, cls = batch
+    tr = trainer
+    if tr.pool is not None:  # --cache_latents: the instance half holds pool indices
+        li = tr.pool.sample(inst, gen) * tr.vae.config.scaling_factor
+    else:
+        li = encode_latents(tr.vae, inst, gen)
+    lc = encode_latents(tr.vae, cls, gen)  # (Bc, 4, h, w)
+    prior = tr.prior
+    if prior.text is None:  # frozen encoder, fixed prompt: one forward for the run
+        with torch.no_grad():
+            prior.text = tr.text_encoder(prior.input_ids.to(tr.device))[0].float()
+    bi, bc = li.shape[0], lc.shape[0]
+    both = torch.cat([text.expand(bi, -1, -1), prior.text.to(text.dtype).expand(bc, -1, -1)])
+    return denoise_losses(
+        unet, tr.noise_scheduler, torch.cat([li, lc]), both, gen, stats, len(tr.token_ids),
+        sc.reg_mean_weight, sc.reg_var_weight, tr.cfg.noise_offset, tr.cfg.channels_last,
+        n_instance=bi, prior_loss_weight=tr.cfg.prior_loss_weight,
+    )  # fmt: skip
