@@ -82,7 +82,12 @@ def build_study_parser() -> argparse.ArgumentParser:
         default="stabilityai/stable-diffusion-2-1-base",
         metavar="MODEL",
     )
-    p.add_argument("--methods", default="attndreambooth", help="comma-separated methods")
+    p.add_argument(
+        "--methods",
+        default="attndreambooth",
+        help="comma-separated, among attndreambooth, ti, dreambooth, ti_db (one row each; "
+        "AttnDreamBooth's rows are its --stages)",
+    )
     p.add_argument(
         "--stages", default="1,3", help="AttnDreamBooth rows: stages to render (1 is TI-like)"
     )
@@ -90,6 +95,13 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     p.add_argument("--train_args", default="", help="extra train_attndreambooth.py flags, quoted")
     p.add_argument("--infer_args", default="", help="extra inference.py flags, quoted")
+    p.add_argument(
+        "--method_args",
+        action="append",
+        default=[],
+        metavar="METHOD=FLAGS",
+        help="extra training flags for one method, e.g. 'dreambooth=--num_class_images 100'",
+    )
     p.add_argument("--identity_metric", choices=["dino", "clip_i"], default="dino")
     add_metric_flags(p)
     return p
@@ -162,6 +174,19 @@ def _stages(text: str) -> list[int]:
     return stages
 
 
+def _method_args(given: list[str], methods: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in given:
+        method, sep, flags = item.partition("=")
+        if not sep or method.strip() not in methods:
+            raise ConfigError(
+                f"--method_args: {item!r} must be METHOD=FLAGS with METHOD one of --methods "
+                f"({', '.join(methods)})"
+            )
+        out.setdefault(method.strip(), []).extend(shlex.split(flags))
+    return out
+
+
 def run_study_cli(ns: argparse.Namespace, runner=None) -> int:
     from attn_utils import study
     from attn_utils.render import read_prompt_file
@@ -179,6 +204,7 @@ def run_study_cli(ns: argparse.Namespace, runner=None) -> int:
         variants=study.make_variants(methods, _stages(ns.stages)),
         train_args=shlex.split(ns.train_args),
         infer_args=shlex.split(ns.infer_args),
+        method_args=_method_args(ns.method_args, methods),
         num_images_per_prompt=ns.num_images_per_prompt,
         seed=ns.seed,
         metric_settings={

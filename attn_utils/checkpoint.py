@@ -1,25 +1,14 @@
-"""Save / load / rotate / resume. Everything is safetensors + JSON, written atomically.
+"""Resumable mid-stage checkpoints: save / list / load / rotate, safetensors + JSON.
 
-Layout of a run folder:
-    run_config.json
-    stage_1/learned_embeds.safetensors   {token: tensor[dim]}; stage_info.json
-    stage_2/unet/, stage_3/unet/          diffusers layout; stage_info.json
-    checkpoints/checkpoint-s<k>-<step>/   trainable.safetensors, optimizer.safetensors, state.json
-A folder appears under its final name only once complete (written beside it, then renamed).
+    <run>/checkpoints/checkpoint-s<k>-<step>/   trainable.safetensors, optimizer.safetensors,
+                                                state.json
+Written atomically through attn_utils.runfiles; the rest of the run folder's layout is there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
-import pickle
 import re
-import shutil
-import uuid
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,199 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from .background import BackgroundWriter, HostSnapshot
 from .config import ConfigError, first_line
+from .runfiles import remove_dir, write_dir_atomically
 
 CKPT_RE = re.compile(r"^checkpoint-s([123])-(\d+)$")
 CKPT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
-EMBEDS_FILE = "learned_embeds.safetensors"
-STAGE_INFO = "stage_info.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) in a hidden sibling folder, then swap it in under `final`.
-
-    A crash or a full disk leaves at most a hidden `.tmp-*` folder that nothing reads;
-    an existing `final` survives until the new one is complete.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    old = None
-    try:
-        tmp.mkdir()
-        write(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not final.exists():
-            os.replace(old, final)  # the previous copy goes back under its name
-        if _is_disk_full(e):  # safetensors reports it as its own error type
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from e
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return bool(re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(e)))
-
-
-def remove_dir(path: Path) -> None:
-    """Delete a folder so that no half-deleted copy is ever seen under its name."""
-    path = Path(path)
-    doomed = path.parent / f".tmp-rm-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.replace(path, doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------- learned embeddings
-
-
-def save_embeddings(path: Path, tokens: list[str], embeds: torch.Tensor) -> None:
-    """{token: float32 tensor[dim]}: the format diffusers' load_textual_inversion reads."""
-    save_file({t: embeds[i].detach().float().cpu().contiguous() for i, t in enumerate(tokens)},
-              str(path))  # fmt: skip
-
-
-def file_kind(path: Path) -> str:
-    """'safetensors', 'zip' (torch.save), 'pickle' (protocol 2+) or 'unknown', by content."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
-    if head[8:9] == b"{" and 2 <= header_len <= size - 8:  # u64 length, then a JSON header
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    return "unknown"
-
-
-def _load_tensor_pickle(path: Path):
-    """torch.load restricted to tensors and plain containers: pickled code is refused."""
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
-        # weights_only could be bypassed before torch 2.6 (CVE-2025-32434)
-        raise ConfigError(f"{path}: pickled files need torch >= 2.6 to be read safely; "
-                          "convert it to .safetensors")  # fmt: skip
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with open(path, "rb") as f:  # a file object: torch.load never guesses by suffix
-                return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
-        why = f" ({why[:160]})" if why else ""
-        raise ConfigError(
-            f"{path}: refused: a pickle that holds more than plain tensors{why}; nothing in it "
-            "was run. Only tensors are read; re-save it as .safetensors from a trusted source"
-        ) from None
-
-
-def load_embeddings(path: str | Path, dim: int | None = None) -> dict[str, torch.Tensor]:
-    """Read {token: tensor[dim]} from .safetensors, or a legacy .bin without unpickling code.
-
-    With `dim` (the text encoder's width), a vector of another width is refused, naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: embedding file not found")
-    try:
-        kind = file_kind(path)
-        if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
-            data = load_file(str(path))
-        elif kind in ("zip", "pickle"):
-            data = _load_tensor_pickle(path)
-        else:
-            raise ValueError("neither safetensors nor a torch.save file")
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise ConfigError(f"{path}: not a readable embedding file ({first_line(e, 200)})") from None
-    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
-        data = {"*": data["string_to_param"].get("*")}  # A1111-style textual-inversion file
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{path}: expected a {{token: tensor}} mapping")
-    out = {}
-    for k, v in data.items():
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            raise ConfigError(f"{path}: entry {k!r} is not a floating-point tensor")
-        if v.ndim == 2 and v.shape[0] == 1:
-            v = v[0]  # (1, dim), as some tools write a single vector
-        if v.ndim not in (1, 2) or (dim is not None and v.shape[-1] != dim):
-            want = f"({dim},)" if dim is not None else "(dim,)"
-            raise ConfigError(
-                f"{path}: entry {k!r} has shape {tuple(v.shape)}, but this text encoder needs "
-                f"{want} (an embedding made for another base model?)"
-            )
-        if not torch.isfinite(v).all():
-            raise ConfigError(f"{path}: entry {k!r} holds NaN or inf values")
-        out[str(k)] = v.float()
-    return out
-
-
-# ---------------------------------------------------------------- stage results
-
-
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    return Path(run_dir) / f"stage_{stage}"
-
-
-def stage_info(run_dir: Path, stage: int) -> dict | None:
-    """The completion record of a stage, or None if the stage has not completed."""
-    p = stage_dir(run_dir, stage) / STAGE_INFO
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"{p}: unreadable ({first_line(e, 200)}); "
-            f"delete {p.parent} to train stage {stage} again"
-        ) from None
 
 
 # ---------------------------------------------------------------- resumable checkpoints
@@ -331,22 +131,3 @@ def resolve_resume(run_dir: Path, arg: str | None) -> Path | None:
             f"(no {missing[0]}){hint}"
         )
     return p
-
-
-def recover_interrupted_writes(run_dir: Path) -> None:
-    """Undo what a crash mid-save left: drop half-written folders, restore a displaced one."""
-    for root in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        if not root.is_dir():
-            continue
-        for p in sorted(root.iterdir()):
-            if p.name.startswith(".tmp-"):  # a write or a delete that never finished
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-            elif p.name.startswith(".old-"):
-                final = root / p.name[len(".old-") :].rsplit("-", 1)[0]
-                if final.exists():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:  # crashed between the two renames: the old copy is the good one
-                    os.replace(p, final)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import random
 from functools import lru_cache
@@ -215,14 +214,3 @@ class StepBatches(Sampler):
 def step_seed(seed: int, stage: int, micro_step: int, rank: int) -> int:
     """Seed for the noise, timesteps and VAE sample of one micro-step of one process."""
     return _seed(seed, stage, "noise", micro_step, rank)
-
-
-def image_grid(images: list[Image.Image]) -> Image.Image:
-    """Tile images into a near-square grid."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid

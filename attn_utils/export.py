@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import EMBEDS_FILE, load_embeddings, stage_dir, stage_info, write_dir_atomically
 from .config import ConfigError, load_run_config
 from .models import check_model_source, load_base_model
 from .pipeline import make_pipeline
+from .runfiles import EMBEDS_FILE, load_embeddings, stage_dir, stage_info, write_dir_atomically
 
 log = logging.getLogger(__name__)
 

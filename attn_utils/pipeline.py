@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .data import image_grid
+from .runfiles import image_grid
 from .tokens import fill_prompt
 
 
@@ -57,28 +59,37 @@ def encode_validation_prompt(trainer) -> tuple[torch.Tensor, torch.Tensor]:
     return pipe.encode_prompt(prompt, trainer.device, 1, True)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def sampling_mode(trainer) -> Iterator[None]:
+    """U-Net in eval mode, VAE in fp32 (half-precision decodes can overflow), the run's
+    autocast, no gradients; the training state comes back on exit."""
+    unet, vae = trainer.unet, trainer.vae
+    was_training, vae_dtype = unet.training, vae.dtype
+    unet.eval()
+    if vae_dtype != torch.float32:
+        vae.to(torch.float32)
+    try:
+        with torch.no_grad(), trainer._autocast():
+            yield
+    finally:
+        if vae_dtype != torch.float32:
+            vae.to(vae_dtype)
+        unet.train(was_training)
+
+
 def render_validation(trainer, out: Path) -> Path:
     """Sample the validation prompt with the resident modules; write a PNG grid atomically.
 
     All images in one batched call; with trainer.validation_embeds set (stages 2-3) the
     text encoder is not used, so it may rest on the CPU.
     """
-    cfg = trainer.cfg
-    unet = trainer.unet
-    was_training = unet.training
-    unet.eval()
-    vae_dtype = trainer.vae.dtype
-    if vae_dtype != torch.float32:
-        trainer.vae.to(torch.float32)  # decode in fp32: half-precision VAE decodes can overflow
-    embeds = trainer.validation_embeds
-    n = cfg.num_validation_images
-    try:
+    cfg, embeds, n = trainer.cfg, trainer.validation_embeds, trainer.cfg.num_validation_images
+    with sampling_mode(trainer):
         pipe = make_pipeline(
             trainer.tokenizer,
             trainer.text_encoder if embeds is None else None,
             trainer.vae,
-            unet,
+            trainer.unet,
             trainer.noise_scheduler.config,
         )
         gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
@@ -89,18 +100,13 @@ def render_validation(trainer, out: Path) -> Path:
                 "prompt_embeds": embeds[0].expand(n, -1, -1),
                 "negative_prompt_embeds": embeds[1].expand(n, -1, -1),
             }
-        with trainer._autocast():
-            images = pipe(
-                **text,
-                generator=gen,
-                num_inference_steps=cfg.validation_inference_steps,
-                height=cfg.resolution,
-                width=cfg.resolution,
-            ).images
-    finally:
-        if vae_dtype != torch.float32:
-            trainer.vae.to(vae_dtype)
-        unet.train(was_training)
+        images = pipe(
+            **text,
+            generator=gen,
+            num_inference_steps=cfg.validation_inference_steps,
+            height=cfg.resolution,
+            width=cfg.resolution,
+        ).images
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     image_grid(images).save(tmp, format="PNG")

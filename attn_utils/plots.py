@@ -6,7 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from .scoring import METRICS, TITLES, write_text_atomically
+from .runfiles import write_text_atomically
+from .scoring import METRICS, TITLES
 
 log = logging.getLogger(__name__)
 

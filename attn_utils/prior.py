@@ -91,7 +91,7 @@ def generate_class_images(
 
 def trainer_sampler(trainer) -> Callable[[list[int]], list[Image.Image]]:
     """Sample the class prompt with the resident base modules (nothing is reloaded)."""
-    from .pipeline import make_pipeline
+    from .pipeline import make_pipeline, sampling_mode
     from .render import initial_latents
 
     cfg, tr = trainer.cfg, trainer
@@ -99,23 +99,15 @@ def trainer_sampler(trainer) -> Callable[[list[int]], list[Image.Image]]:
     side = cfg.resolution // pipe.vae_scale_factor
     shape = (tr.unet.config.in_channels, side, side)
 
-    @torch.no_grad()
     def sample(seeds: list[int]) -> list[Image.Image]:
-        vae_dtype = tr.vae.dtype
-        if vae_dtype != torch.float32:  # decode in fp32: half-precision decodes can overflow
-            tr.vae.to(torch.float32)
-        try:
-            with tr._autocast():
-                return pipe(
-                    [cfg.class_prompt] * len(seeds),
-                    latents=initial_latents(seeds, shape).to(tr.device),
-                    num_inference_steps=cfg.class_inference_steps,
-                    height=cfg.resolution,
-                    width=cfg.resolution,
-                ).images
-        finally:
-            if vae_dtype != torch.float32:
-                tr.vae.to(vae_dtype)
+        with sampling_mode(tr):
+            return pipe(
+                [cfg.class_prompt] * len(seeds),
+                latents=initial_latents(seeds, shape).to(tr.device),
+                num_inference_steps=cfg.class_inference_steps,
+                height=cfg.resolution,
+                width=cfg.resolution,
+            ).images
 
     return sample
 

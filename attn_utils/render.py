@@ -21,10 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import capture_cross_attention
-from .checkpoint import write_dir_atomically, write_json_atomically
 from .config import ConfigError
-from .data import image_grid
 from .heatmaps import HeatmapController, save_attention, token_columns
+from .runfiles import image_grid, write_dir_atomically, write_json_atomically
 
 log = logging.getLogger(__name__)
 

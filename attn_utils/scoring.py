@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import numpy as np
 from .config import ConfigError
 from .data import load_image, load_instance_images, shown
 from .metrics import MetricModels, clip_t_scores, clip_t_text, pairwise_mean
+from .runfiles import write_text_atomically
 
 METRICS = ("clip_t", "clip_i", "dino")
 TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
@@ -48,19 +47,6 @@ def prompt_class(template: str) -> str:
     if m and m.group("adj").split()[-1].lower() not in ("of", "with", "and", "by", "like"):
         return "property"  # not "a photo of {}"
     return "background"
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write text to a hidden sibling, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_index(samples_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -171,7 +157,8 @@ def score_samples(
     }
 
 
-def _fmt(row: dict, m: str) -> str:
+def mean_std(row: dict, m: str) -> str:
+    """'mean ± std' of metric m in a table row."""
     return f"{row[m]:.4f} ± {row[m + '_std']:.4f}"
 
 
@@ -207,11 +194,11 @@ def metrics_md(result: dict) -> str:
         "",
         head,
         rule,
-        f"| overall | {o['n_images']} | " + " | ".join(_fmt(o, m) for m in METRICS) + " |",
+        f"| overall | {o['n_images']} | " + " | ".join(mean_std(o, m) for m in METRICS) + " |",
     ]
     for c, row in result["per_class"].items():
         lines.append(
-            f"| {c} | {row['n_images']} | " + " | ".join(_fmt(row, m) for m in METRICS) + " |"
+            f"| {c} | {row['n_images']} | " + " | ".join(mean_std(row, m) for m in METRICS) + " |"
         )
     lines += ["", "| prompt | class | " + " | ".join(TITLES[m] for m in METRICS) + " |"]
     lines.append("|---|---|" + "---|" * len(METRICS))

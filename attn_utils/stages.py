@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import (
+from .config import STAGE_TITLES, ConfigError
+from .runfiles import (
     EMBEDS_FILE,
     STAGE_INFO,
     load_embeddings,
@@ -17,7 +18,6 @@ from .checkpoint import (
     stage_dir,
     write_dir_atomically,
 )
-from .config import STAGE_TITLES, ConfigError
 from .tokens import (
     PlaceholderEmbedding,
     install_placeholder_embedding,

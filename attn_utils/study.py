@@ -27,15 +27,21 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import write_json_atomically
 from .config import ConfigError
-from .data import image_grid, load_image, shown
+from .data import load_image, shown
 from .render import read_prompt_file
+from .runfiles import image_grid, write_json_atomically
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]  # train_attndreambooth.py and inference.py live here
-METHODS = ("attndreambooth",)  # baselines get a row here once their training exists
+METHODS = ("attndreambooth", "ti", "dreambooth", "ti_db")  # train_attndreambooth.py --method
+# The stage whose result a baseline's row renders, and its label.
+BASELINES = {
+    "ti": (1, "Textual Inversion"),
+    "dreambooth": (3, "DreamBooth (prior preservation)"),
+    "ti_db": (3, "TI+DB"),
+}
 RESUME = ["--resume_from_checkpoint", "latest"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Variables by which a launcher tells a process its place; a child must not inherit them, or
@@ -75,6 +81,7 @@ class StudyPlan:
     variants: list[Variant]
     train_args: list[str] = field(default_factory=list)
     infer_args: list[str] = field(default_factory=list)
+    method_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per method
     num_images_per_prompt: int = 4
     seed: int = 0
     metric_settings: dict = field(default_factory=dict)
@@ -87,6 +94,7 @@ class StudyPlan:
             "variants": [asdict(v) for v in self.variants],
             "train_args": self.train_args,
             "infer_args": self.infer_args,
+            **({"method_args": self.method_args} if self.method_args else {}),
             "num_images_per_prompt": self.num_images_per_prompt,
             "seed": self.seed,
             "metrics": self.metric_settings,
@@ -127,15 +135,42 @@ def make_variants(methods: list[str], stages: list[int]) -> list[Variant]:
     out = []
     for m in methods:
         if m not in METHODS:
-            raise ConfigError(
-                f"--methods: unknown method {m!r} (available: {', '.join(METHODS)}; "
-                "baseline training is not implemented yet)"
-            )
+            raise ConfigError(f"--methods: unknown method {m!r} (available: {', '.join(METHODS)})")
         if m == "attndreambooth":
             for k in stages:
                 what = {1: "stage 1 only (TI-like)", 2: "stages 1-2", 3: "full (stage 3)"}[k]
                 out.append(Variant(f"stage_{k}", f"AttnDreamBooth {what}", m, k))
+        else:
+            stage, label = BASELINES[m]
+            out.append(Variant(m, label, m, stage))
     return out
+
+
+def method_train_args(args: list[str], method: str) -> list[str]:
+    """The shared --train_args a method accepts: per-stage flags of the stages it lacks
+    (e.g. --attn_train_steps for ti) and --fast without a stage 3 are left out."""
+    from .config import STAGE_NAMES
+    from .methods import stage_presets
+
+    absent = [p for i, p in STAGE_NAMES.items() if i not in stage_presets(method, False)]
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        flag = a.split("=", 1)[0]
+        if any(flag.startswith(f"--{p}_") for p in absent):
+            skip = "=" not in a  # its value is the next word
+            continue
+        if flag == "--fast" and "unet" in absent:
+            continue
+        out.append(a)
+    return out
+
+
+def run_dir(plan: StudyPlan, c: ConceptSpec, method: str) -> Path:
+    """The training --output_dir of one method (AttnDreamBooth's is plain 'run')."""
+    return concept_dir(plan, c) / ("run" if method == "attndreambooth" else f"run-{method}")
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
@@ -164,10 +199,12 @@ def run_script(argv: list[str], env: dict) -> int:
     return subprocess.run([sys.executable, *argv], env=env, check=False).returncode
 
 
-def train_argv(plan: StudyPlan, c: ConceptSpec) -> list[str]:
+def train_argv(plan: StudyPlan, c: ConceptSpec, method: str = "attndreambooth") -> list[str]:
     """train_attndreambooth.py's argv; relaunching it reuses the run's completed stages."""
     # A stage interrupted after a checkpoint continues from it ('latest' of this run only).
     resume = [] if "--resume_from_checkpoint" in plan.train_args else RESUME
+    extra = method_train_args(plan.train_args, method) + plan.method_args.get(method, [])
+    chosen = [] if method == "attndreambooth" else ["--method", method]
     return [
         str(ROOT / "train_attndreambooth.py"),
         "--pretrained_model_name_or_path",
@@ -177,9 +214,10 @@ def train_argv(plan: StudyPlan, c: ConceptSpec) -> list[str]:
         "--category",
         c.category,
         "--output_dir",
-        str(concept_dir(plan, c) / "run"),
+        str(run_dir(plan, c, method)),
+        *chosen,
         *resume,
-        *plan.train_args,
+        *extra,
     ]
 
 
@@ -188,7 +226,7 @@ def render_argv(plan: StudyPlan, c: ConceptSpec, v: Variant) -> list[str]:
     return [
         str(ROOT / "inference.py"),
         "--run_dir",
-        str(concept_dir(plan, c) / "run"),
+        str(run_dir(plan, c, v.method)),
         "--stage",
         str(v.stage),
         "--prompt_file",
@@ -277,8 +315,10 @@ class ConceptRunner:
 
         plan, cdir = self.plan, concept_dir(self.plan, c)
         cdir.mkdir(parents=True, exist_ok=True)
-        what = f"concept {c.name}: training"
-        _step(cdir / "train.done.json", what, lambda: self._call(train_argv(plan, c), what))
+        for m in dict.fromkeys(v.method for v in plan.variants):  # each method trains once
+            what = f"concept {c.name}: training" + ("" if m == "attndreambooth" else f" {m}")
+            record = cdir / ("train.done.json" if m == "attndreambooth" else f"train-{m}.done.json")
+            _step(record, what, lambda m=m, what=what: self._call(train_argv(plan, c, m), what))
         real = None
         for v in plan.variants:
             vdir = cdir / v.name

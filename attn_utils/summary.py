@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .scoring import METRICS, PROMPT_CLASSES, TITLES, write_text_atomically
+from .runfiles import write_text_atomically
+from .scoring import METRICS, PROMPT_CLASSES, TITLES, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +62,20 @@ def summarize(results: dict[str, dict[str, dict]], labels: dict[str, str]) -> di
     }
 
 
-def _cell(row: dict, m: str) -> str:
-    return f"{row[m]:.4f} ± {row[m + '_std']:.4f}"
-
-
 def summary_md(summary: dict, title: str) -> str:
     """The study's table, its per-class table and its per-concept table."""
     metrics = " | ".join(TITLES[m] for m in METRICS)
     lines = [f"# {title}", "", "Mean ± std over concepts (each concept: its mean over images).", ""]
     lines += [f"| method | concepts | {metrics} |", "|---|---|" + "---|" * len(METRICS)]
     for r in summary["rows"]:
-        cells = " | ".join(_cell(r, m) for m in METRICS)
+        cells = " | ".join(mean_std(r, m) for m in METRICS)
         lines.append(f"| {r['label']} | {r['n_concepts']} | {cells} |")
     lines += ["", "## Per prompt class", ""]
     lines += [f"| method | class | prompts | {metrics} |", "|---|---|---|" + "---|" * len(METRICS)]
     labels = {r["variant"]: r["label"] for r in summary["rows"]}
     for v, classes in summary["per_class"].items():
         for cls, r in classes.items():
-            cells = " | ".join(_cell(r, m) for m in METRICS)
+            cells = " | ".join(mean_std(r, m) for m in METRICS)
             lines.append(f"| {labels[v]} | {cls} | {r['n_prompts']} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ck
+from . import runfiles as rf
 from .background import BackgroundWriter, HostSnapshot, finish_writes
 from .capture import TokenStats, capture_if
 from .config import ConfigError, RunConfig, StageConfig
@@ -66,7 +67,7 @@ class Trainer:
         )
         self.data_fp = data_fingerprint(paths)
         for stage in [s.index for s in cfg.stages if s.index < max(cfg.run_stages)]:
-            if stage not in cfg.run_stages and ck.stage_info(self.run_dir, stage) is None:
+            if stage not in cfg.run_stages and rf.stage_info(self.run_dir, stage) is None:
                 raise ConfigError(missing_stage_message(self.run_dir, stage, cfg.run_stages))
         self.model_fp = model_fingerprint(cfg.pretrained_model_name_or_path, cfg.revision)
         m = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.local_files_only)
@@ -122,8 +123,8 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         self.prior = setup_prior(self)  # class images, from the base model before any stage
         if acc.is_main_process:
-            ck.recover_interrupted_writes(self.run_dir)
-            ck.write_json_atomically(
+            rf.recover_interrupted_writes(self.run_dir)
+            rf.write_json_atomically(
                 self.run_dir / "run_config.json",
                 {
                     **cfg.to_dict(),
@@ -149,14 +150,14 @@ class Trainer:
     def _run_stage(self, stage: int, resume: Path | None) -> None:
         """Reuse a completed stage, or train it; stop afterwards if a signal came meanwhile."""
         cfg, acc = self.cfg, self.acc
-        info = ck.stage_info(self.run_dir, stage)
+        info = rf.stage_info(self.run_dir, stage)
         if info is not None:
             if info.get("fingerprint") != self.fingerprint(stage):
                 raise ConfigError(
-                    f"--output_dir: {ck.stage_dir(self.run_dir, stage)} was trained with "
+                    f"--output_dir: {rf.stage_dir(self.run_dir, stage)} was trained with "
                     "different data, base model or settings; use a new --output_dir"
                 )
-            later_done = any(ck.stage_info(self.run_dir, j) for j in range(stage + 1, 4))
+            later_done = any(rf.stage_info(self.run_dir, j) for j in range(stage + 1, 4))
             if not (later_done and stage >= 2):  # a later U-Net supersedes this one
                 load_stage_result(
                     self.run_dir,
@@ -174,7 +175,7 @@ class Trainer:
         if stage < max(cfg.run_stages) and stop_requested(self.stop, self.device):
             raise TrainingStopped(
                 f"stopped by signal after stage {stage} completed "
-                f"({ck.stage_dir(self.run_dir, stage)}); launch the same command again to run "
+                f"({rf.stage_dir(self.run_dir, stage)}); launch the same command again to run "
                 "the remaining stages",
                 128 + self.stop.signum,
             )
@@ -378,7 +379,7 @@ class Trainer:
             info = {
                 "fingerprint": self.fingerprint(k),
                 "steps": step,
-                "path": str(ck.stage_dir(self.run_dir, k)),
+                "path": str(rf.stage_dir(self.run_dir, k)),
                 "final_logs": getattr(self, "last_logs", {}),
                 "rank_checksums": checksums,
                 **timing,  # loop seconds and peak memory of this run of the stage

@@ -13,7 +13,14 @@ import evaluate
 import inference
 import train_attndreambooth
 from attn_utils import plots
-from attn_utils.study import child_env, dist_info, make_variants, read_concepts, shard
+from attn_utils.study import (
+    child_env,
+    dist_info,
+    make_variants,
+    method_train_args,
+    read_concepts,
+    shard,
+)
 from attn_utils.summary import summarize
 
 ONE_STEP = "--ti_train_steps 1 --attn_train_steps 1 --unet_train_steps 1 "
@@ -176,6 +183,11 @@ def test_concepts_file_and_methods_errors(tmp_path, concept):
         read_concepts(f)
     with pytest.raises(ConfigError, match="--methods: unknown method 'neti'"):
         make_variants(["attndreambooth", "neti"], [1, 3])
+    rows = make_variants(["attndreambooth", "ti", "dreambooth", "ti_db"], [1, 3])
+    assert [(v.name, v.method, v.stage) for v in rows] == [
+        ("stage_1", "attndreambooth", 1), ("stage_3", "attndreambooth", 3),
+        ("ti", "ti", 1), ("dreambooth", "dreambooth", 3), ("ti_db", "ti_db", 3),
+    ]  # fmt: skip
     assert [v.name for v in make_variants(["attndreambooth"], [1, 2, 3])] == [
         "stage_1",
         "stage_2",
@@ -191,3 +203,43 @@ def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plots, "_pyplot", lambda: None)
     assert plots.write_plots(s, tmp_path / "none") == {}
     assert "plots skipped" in capsys.readouterr().out
+
+
+def test_shared_train_args_keep_only_what_a_method_has():
+    args = ONE_STEP.split() + ["--fast", "--attn_bs=2", "--seed", "3"]
+    ti = method_train_args(args, "ti")
+    assert "--attn_train_steps" not in ti and "--unet_batch_size" not in ti
+    assert "--fast" not in ti and "--attn_bs=2" not in ti
+    assert ti[:4] == ["--ti_train_steps", "1", "--ti_batch_size", "1"] and ti[-2:] == [
+        "--seed",
+        "3",
+    ]
+    db = method_train_args(args, "dreambooth")  # stage 3 only
+    assert "--ti_train_steps" not in db and "--unet_train_steps" in db and "--fast" in db
+    assert method_train_args(args, "attndreambooth") == args
+
+
+def test_study_rows_for_the_baselines(tiny_model, concept, tmp_path):
+    """TI and DreamBooth trained by the same CLI, rendered and scored beside AttnDreamBooth."""
+    clip, dino = build_tiny_clip(tmp_path / "clip"), build_tiny_dino(tmp_path / "dino")
+    (tmp_path / "c.json").write_text(json.dumps([{"dir": str(concept), "category": "sloth"}]))
+    (tmp_path / "p.txt").write_text("a {} on the beach\n")
+    out = tmp_path / "out"
+    db = "dreambooth=--num_class_images 2 --sample_batch_size 2 --class_inference_steps 1"
+    argv = ["study", "--concepts", tmp_path / "c.json", "--prompts", tmp_path / "p.txt",
+            "--out", out, "--pretrained_model_name_or_path", tiny_model, "--clip_model", clip,
+            "--dino_model", dino, "--num_images_per_prompt", 1, "--methods", "ti,dreambooth",
+            "--train_args", ONE_STEP + " --ti_ga 1", "--infer_args", FAST_RENDER,
+            "--method_args", db]  # fmt: skip
+    runner = InProcess()
+    assert evaluate.main([str(a) for a in argv], runner=runner) == 0
+    assert runner.calls == ["train_attndreambooth.py"] * 2 + ["inference.py"] * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["variant"] for r in summary["rows"]] == ["ti", "dreambooth"]
+    c = out / "concepts" / concept.name
+    assert (c / "run-ti" / "stage_1").is_dir() and not (c / "run-ti" / "stage_3").exists()
+    assert (c / "run-dreambooth" / "stage_3").is_dir() and (
+        c / "train-dreambooth.done.json"
+    ).is_file()
+    assert len(list((c / "run-dreambooth" / "class_images").glob("*.png"))) == 2
+    assert evaluate.main([str(a) for a in argv], runner=_never) == 0  # all done: nothing redone

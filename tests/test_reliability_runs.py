@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import attn_utils.checkpoint as ck
+import attn_utils.runfiles as rf
 import train_attndreambooth
 from attn_utils.trainer import Trainer
 
@@ -160,7 +161,7 @@ def test_signal_in_the_last_step_stops_before_the_next_stage(run_train, monkeypa
         hook(m, "_optimizer_step", 4, before=kill_self(signal.SIGTERM))  # step 4 of 4 of stage 1
         rc = run_train(train_argv(tiny_model, concept, out, "--stages", "1,2"))
     assert rc == 128 + signal.SIGTERM
-    assert ck.stage_info(out, 1) is not None and not (out / "stage_2").exists()
+    assert rf.stage_info(out, 1) is not None and not (out / "stage_2").exists()
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +327,7 @@ def test_leftovers_of_a_hard_kill_are_ignored_then_recovered(tmp_path):
     (root / ".tmp-rm-checkpoint-s1-000001-87654321").mkdir()  # killed while deleting
     assert ck.list_checkpoints(tmp_path) == [good]
     assert ck.resolve_resume(tmp_path, "latest") == good
-    ck.recover_interrupted_writes(tmp_path)
+    rf.recover_interrupted_writes(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == [good.name, moved.name, partial.name]
     assert ck.list_checkpoints(tmp_path) == [good, moved]
     assert ck.load_checkpoint(moved)[0]["step"] == 3
@@ -341,21 +342,21 @@ def test_rotation_and_replacement_are_atomic(monkeypatch, tmp_path):
         "checkpoint-s1-000003",
     ]
     final = tmp_path / "stage_1"
-    ck.write_dir_atomically(final, lambda t: (t / "a.txt").write_text("old"))
+    rf.write_dir_atomically(final, lambda t: (t / "a.txt").write_text("old"))
 
     def half_write(tmp: Path) -> None:
         (tmp / "a.txt").write_text("ne")
         raise ENOSPC
 
     with pytest.raises(OSError, match="No space left"):
-        ck.write_dir_atomically(final, half_write)
+        rf.write_dir_atomically(final, half_write)
     assert (final / "a.txt").read_text() == "old"
     with monkeypatch.context() as m:  # the swap fails after the old copy was moved aside
-        fail_nth(m, ck.os, "replace", 2, OSError(errno.EIO, "I/O error"))
+        fail_nth(m, rf.os, "replace", 2, OSError(errno.EIO, "I/O error"))
         with pytest.raises(OSError, match="I/O error"):
-            ck.write_dir_atomically(final, lambda t: (t / "a.txt").write_text("new"))
+            rf.write_dir_atomically(final, lambda t: (t / "a.txt").write_text("new"))
     assert (final / "a.txt").read_text() == "old"
-    ck.write_dir_atomically(final, lambda t: (t / "a.txt").write_text("new"))
+    rf.write_dir_atomically(final, lambda t: (t / "a.txt").write_text("new"))
     assert (final / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "stage_1"]
 
