@@ -117,6 +117,7 @@ class RunConfig:
     sdpa_backend: str = "auto"  # self-attention kernel: auto | flash | cudnn | efficient | math
     offload_text_encoder: bool | None = None  # stages 2-3; None: on CUDA
     logging_steps: int = 10  # losses read from the device (one sync) every N steps
+    profile_steps: int = 0  # torch.profiler over N steps of each stage (<output_dir>/profile)
     cache_latents: bool = False  # changes augmentation statistics: opt-in
     cache_latents_variants: int = 16  # augmented copies per image in the pool
     dataloader_num_workers: int | None = None  # None: up to 4 on a GPU, 0 on the CPU

@@ -47,6 +47,14 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--logging_steps", type=int, default=10, help="read and log losses every N")
     p.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch.profiler over N steps of each stage, after 3 warm-up steps: a table of "
+        "ops and host-device syncs in <output_dir>/profile/",
+    )
+    p.add_argument(
         "--cache_latents",
         action="store_true",
         help="train on a pool of pre-encoded augmented latents",
@@ -64,6 +72,8 @@ def validate_speed_flags(cfg) -> None:
     """One ConfigError naming the flag (called by config.validate)."""
     from .config import ConfigError
 
+    if cfg.profile_steps < 0:
+        raise ConfigError("--profile_steps: must be >= 0")
     if cfg.logging_steps < 1:
         raise ConfigError("--logging_steps: must be >= 1")
     if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:

@@ -30,6 +30,7 @@ from .placement import (
     reset_peak,
 )
 from .prior import prior_losses, setup_prior
+from .profiling import StageProfiler
 from .runtime import (
     StopRequest,
     TrainingStopped,
@@ -212,6 +213,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         reset_peak(self.device)
+        n_prof = cfg.profile_steps if acc.is_main_process else 0
+        prof = StageProfiler(n_prof, self.run_dir, k, start, self.device)
         step, t0 = start, time.perf_counter()
         if cfg.validate_before_training and start == 0:
             self._validate(k, 0, stats)
@@ -246,6 +249,7 @@ class Trainer:
                 if grad_bad is True:  # read on the host: the optimiser cannot skip by itself
                     raise TrainingStopped(self._nan_message(k, step, "gradient"), 3)
                 meter.end_step(step, grad_bad)
+                prof.step_done(step)
                 bar.update(1)
                 ckpt = bool(sc.checkpointing_steps) and step % sc.checkpointing_steps == 0
                 val = bool(sc.validation_steps) and step % sc.validation_steps == 0
@@ -269,6 +273,7 @@ class Trainer:
                         "continue with --resume_from_checkpoint latest",
                         128 + self.stop.signum,
                     )
+        prof.finish()
         train_s = time.perf_counter() - t0
         checksums = rank_checksums(plist, self.device)
         if cfg.validation_prompt and sc.validation_steps:

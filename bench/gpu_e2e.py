@@ -39,6 +39,7 @@ FLAG_RUNS = {
     "compile_unet": ["--torch_compile", "unet"],
     "fp16": ["--mixed_precision", "fp16"],
     "sdpa_math": ["--sdpa_backend", "math"],
+    "profile": ["--profile_steps", "5"],  # <run>/profile/stage_<k>.txt: ops and host syncs
 }
 GPU_FLAG_RUNS = [k for k in FLAG_RUNS if k != "sdpa_math"]
 TINY_FLAG_RUNS = ["plain_fp32", "ckpt", "no_offload", "channels_last", "sdpa_math"]
@@ -134,6 +135,8 @@ def train(s: Setup, run: str, *extra: str, steps=None, fresh=True, until=None, e
     r["training_s"] = round(sum(v["train_seconds"] or 0 for v in trained.values()), 2)
     peaks = [v["peak_gib"] for v in trained.values() if v["peak_gib"] is not None]
     r["peak_gib"] = max(peaks) if peaks else None
+    for table in sorted((run_dir / "profile").glob("stage_*.txt")):
+        r.setdefault("profile", {})[table.stem] = table.read_text().splitlines()[:2]
     return r
 
 

@@ -371,3 +371,15 @@ def test_mixed_precision_defaults_to_what_accelerate_says(tmp_path, tiny_model, 
         [sys.executable, "train_attndreambooth.py", *argv, "--dry_run"], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=60).stdout)  # fmt: skip
     assert plan["mixed_precision"] is None  # the plan says "not chosen here"
+
+
+def test_profile_steps_writes_a_table_and_a_trace(run_train, tmp_path, tiny_model, concept):
+    out = tmp_path / "run"
+    argv = train_argv(tiny_model, concept, out, "--stages", "1,2", "--ti_train_steps", "6",
+                      "--attn_train_steps", "2", "--profile_steps", "2")  # fmt: skip
+    assert run_train(argv) == 0
+    table = (out / "profile" / "stage_1.txt").read_text()
+    assert table.startswith("stage 1: 2 optimiser steps after 3 warm-up")
+    assert "host-device synchronisations" in table and "aten::" in table
+    assert json.loads((out / "profile" / "stage_1.trace.json").read_text())
+    assert not (out / "profile" / "stage_2.txt").exists()  # 2 steps: over before the warm-up
