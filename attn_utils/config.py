@@ -114,6 +114,7 @@ class RunConfig:
     enable_xformers_memory_efficient_attention: bool = False
     channels_last: bool = False
     torch_compile: str = "none"  # none | unet | blocks (regional)
+    compile_vae: bool = False  # compile the VAE encoder (the exact path's per-step encode)
     sdpa_backend: str = "auto"  # self-attention kernel: auto | flash | cudnn | efficient | math
     offload_text_encoder: bool | None = None  # stages 2-3; None: on CUDA
     logging_steps: int = 10  # losses read from the device (one sync) every N steps

@@ -43,6 +43,9 @@ def place_models(trainer) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     compile_unet(trainer.unet, cfg.torch_compile)
+    if cfg.compile_vae and not cfg.cache_latents:  # a pool encodes once: nothing to gain
+        _persistent_inductor_cache()
+        trainer.vae.encoder.compile()  # the per-step encode; decoding (validation) stays eager
     trainer.input_ids = trainer.input_ids.to(device)
     trainer.columns = trainer.columns.to(device)  # read by every cross-attention layer
 
@@ -55,8 +58,7 @@ def compile_unet(unet, mode: str) -> None:
     """
     if mode == "none":
         return
-    default = Path.home() / ".cache" / "attndreambooth" / "inductor"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
+    _persistent_inductor_cache()
     if mode == "unet":
         unet.compile()
         return
@@ -65,6 +67,11 @@ def compile_unet(unet, mode: str) -> None:
     for m in unet.modules():
         if type(m).__name__ in COMPILED_BLOCKS:
             m.compile()
+
+
+def _persistent_inductor_cache() -> None:
+    default = Path.home() / ".cache" / "attndreambooth" / "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
 
 
 def attention_backend(name: str):

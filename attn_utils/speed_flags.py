@@ -38,6 +38,9 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
         choices=["none", "unet", "blocks"],
         help="compile the whole U-Net (bare flag) or each transformer/resnet block",
     )
+    p.add_argument(
+        "--compile_vae", action="store_true", help="compile the VAE encoder (per-step encode)"
+    )
     p.add_argument("--sdpa_backend", choices=list(SDPA_BACKENDS), default="auto")
     p.add_argument(
         "--offload_text_encoder",

@@ -37,6 +37,7 @@ FLAG_RUNS = {
     "sdpa_flash": ["--sdpa_backend", "flash"],
     "compile_blocks": ["--torch_compile", "blocks"],
     "compile_unet": ["--torch_compile", "unet"],
+    "compile_vae": ["--compile_vae"],
     "fp16": ["--mixed_precision", "fp16"],
     "sdpa_math": ["--sdpa_backend", "math"],
     "profile": ["--profile_steps", "5"],  # <run>/profile/stage_<k>.txt: ops and host syncs
