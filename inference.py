@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="{token: tensor} .safetensors, or a legacy .bin (read without unpickling code); "
         "its keys are the placeholder tokens",
     )
-    src.add_argument("--checkpoint_path", metavar="DIR", help="a folder holding unet/")
+    src.add_argument(
+        "--checkpoint_path", metavar="DIR", help="a folder holding unet/ (and text_encoder/)"
+    )
     src.add_argument(
         "--category_token",
         "--category",
@@ -191,6 +193,7 @@ def run(ns: argparse.Namespace) -> int:
     jobs = make_jobs(templates, src.tokens, src.category)
     concept = load_concept(src)
     log.info("U-Net: %s", src.unet_path or f"base model {src.model}")
+    log.info("text encoder: %s", src.text_encoder_path or f"base model {src.model}")
     if ns.export_pipeline:  # before any cast: the export keeps the fp32 weights
         out = export_pipeline(concept, ns.export_pipeline, scheduler)
         print(f"exported pipeline: {out}", file=sys.stderr)

@@ -131,3 +131,26 @@ def resolve_resume(run_dir: Path, arg: str | None) -> Path | None:
             f"(no {missing[0]}){hint}"
         )
     return p
+
+
+def restore_checkpoint(
+    path: Path, fingerprint: str, trainable: dict[str, torch.Tensor], optimizer, scaler
+) -> int:
+    """Load a checkpoint into the stage's tensors, optimiser and scaler; return its step.
+
+    Refused (naming the flag) when it was written for other data, model, settings or tensors.
+    """
+    state, tensors, opt_state = load_checkpoint(path)
+    if state.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"--resume_from_checkpoint: {path} was written with different data, base model "
+            "or settings; refusing to mix them (use a new --output_dir)"
+        )
+    if set(tensors) != set(trainable):
+        raise ConfigError(f"--resume_from_checkpoint: {path} holds other parameters")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(opt_state)
+    scaler.load_state_dict(state.get("scaler") or {})
+    return int(state["step"])

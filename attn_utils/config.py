@@ -140,6 +140,8 @@ class RunConfig:
     prior_loss_weight: float = 1.0
     sample_batch_size: int = 4  # class-image generation
     class_inference_steps: int = 50
+    train_text_encoder: bool = False  # dreambooth: stage 3 trains the text encoder too
+    text_encoder_learning_rate: float | None = None  # None: stage 3's learning rate
 
     @property
     def placeholder_tokens(self) -> list[str]:

@@ -1,7 +1,8 @@
 """The learned concept as a pipeline: find its files, load it, export it.
 
 A concept is a base model, placeholder token(s) with their learned embedding rows, a category
-word and (after stage 2 or 3) a fine-tuned U-Net. It comes from a training run folder, from the
+word, (after stage 2 or 3) a fine-tuned U-Net and (dreambooth --train_text_encoder) a
+fine-tuned text encoder. It comes from a training run folder, from the
 authors' flags (base model + embedding file + checkpoint folder), or from a pipeline exported
 here, whose tokenizer already holds the placeholder.
 """
@@ -20,6 +21,7 @@ from .config import ConfigError, load_run_config
 from .models import check_model_source, load_base_model
 from .pipeline import make_pipeline
 from .runfiles import EMBEDS_FILE, load_embeddings, stage_dir, stage_info, write_dir_atomically
+from .text_training import load_text_encoder, trained_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ConceptSource:
     category: str | None
     local_files_only: bool = False
     run_dir: str | None = None
+    text_encoder_path: str | None = None  # a trained text encoder's folder; None: the base's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +133,8 @@ def resolve_source(
     check_model_source(model)
     if checkpoint_path is not None:
         unet_path = _unet_folder(Path(checkpoint_path), "--checkpoint_path")
+    # text_encoder/ beside unet/ (stage_3/ of a --train_text_encoder run)
+    text_encoder_path = trained_text_encoder(Path(unet_path).parent) if unet_path else None
     if embedding_path is not None:
         emb = load_embeddings(embedding_path)  # validates the file before any model loads
         if run_dir is None:
@@ -156,6 +161,7 @@ def resolve_source(
         category=category,
         local_files_only=local_files_only,
         run_dir=None if run_dir is None else str(run_dir),
+        text_encoder_path=text_encoder_path,
     )
 
 
@@ -182,6 +188,8 @@ def load_concept(src: ConceptSource) -> Concept:
     """Load the base model and U-Net, add the placeholder tokens and write their rows."""
     emb = load_embeddings(src.embedding_path) if src.embedding_path else {}
     m = load_base_model(src.model, src.revision, src.local_files_only, unet_path=src.unet_path)
+    if src.text_encoder_path:  # before the tokens: a dreambooth run adds none
+        load_text_encoder(src.text_encoder_path, m.text_encoder)
     hidden = m.text_encoder.get_input_embeddings().weight.shape[1]
     if m.unet.config.cross_attention_dim != hidden:
         flag = "--checkpoint_path" if src.stage is None else f"--stage {src.stage}"

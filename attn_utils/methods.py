@@ -19,6 +19,11 @@ import torch
 
 from .config import FAST_STAGE_3, PAPER_STAGES, ConfigError, RunConfig
 from .templates import TI_OBJECT_TEMPLATES
+from .text_training import (
+    add_text_encoder_flags,
+    check_text_encoder_flags,
+    text_encoder_identity,
+)
 
 NO_REG = dict(reg_mean_weight=0.0, reg_var_weight=0.0)
 # diffusers textual_inversion README: batch 1 x accumulation 4, lr 5e-4 with --scale_lr
@@ -98,6 +103,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior_loss_weight", type=float, default=None, help="default 1.0")
     g.add_argument("--sample_batch_size", type=int, default=4, help="class-image generation")
     g.add_argument("--class_inference_steps", type=int, default=50, help="class-image sampler")
+    add_text_encoder_flags(g)
 
 
 def stage_presets(method: str, fast: bool) -> dict[int, dict]:
@@ -153,6 +159,7 @@ def validate_method(cfg: RunConfig) -> None:
         raise ConfigError("--identifier: must be one word, e.g. 'sks'")
     if not 0.0 <= cfg.flip_p <= 1.0:
         raise ConfigError("--flip_p: must be a probability in [0, 1]")
+    check_text_encoder_flags(cfg)  # fills in its default lr
     if not cfg.with_prior_preservation:
         return
     if 3 not in [s.index for s in cfg.stages]:
@@ -186,6 +193,7 @@ def recipe_identity(cfg: RunConfig) -> dict:
         ident["flip_p"] = cfg.flip_p
     if cfg.with_prior_preservation:
         ident["prior"] = [cfg.class_prompt, cfg.num_class_images, cfg.prior_loss_weight]
+    ident.update(text_encoder_identity(cfg))  # {} unless --train_text_encoder
     return ident
 
 

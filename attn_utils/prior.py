@@ -192,11 +192,15 @@ def prior_losses(trainer, unet, batch, text: torch.Tensor, gen, stats, sc):
         li = encode_latents(tr.vae, inst, gen)
     lc = encode_latents(tr.vae, cls, gen)  # (Bc, 4, h, w)
     prior = tr.prior
-    if prior.text is None:  # frozen encoder, fixed prompt: one forward for the run
-        with torch.no_grad():
-            prior.text = tr.text_encoder(prior.input_ids.to(tr.device))[0].float()
+    if tr.cfg.train_text_encoder:  # it trains (stage 3): every step, with gradients
+        class_text = tr.text_encoder(prior.input_ids.to(tr.device))[0]
+    else:
+        if prior.text is None:  # frozen encoder, fixed prompt: one forward for the run
+            with torch.no_grad():
+                prior.text = tr.text_encoder(prior.input_ids.to(tr.device))[0].float()
+        class_text = prior.text
     bi, bc = li.shape[0], lc.shape[0]
-    both = torch.cat([text.expand(bi, -1, -1), prior.text.to(text.dtype).expand(bc, -1, -1)])
+    both = torch.cat([text.expand(bi, -1, -1), class_text.to(text.dtype).expand(bc, -1, -1)])
     return denoise_losses(
         unet, tr.noise_scheduler, torch.cat([li, lc]), both, gen, stats, len(tr.token_ids),
         sc.reg_mean_weight, sc.reg_var_weight, tr.cfg.noise_offset, tr.cfg.channels_last,

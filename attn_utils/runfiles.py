@@ -3,6 +3,7 @@
     run_config.json                      every resolved setting
     stage_1/learned_embeds.safetensors   {token: tensor[dim]}; stage_info.json
     stage_2/unet/, stage_3/unet/          diffusers layout; stage_info.json
+    stage_3/text_encoder/                 only when --train_text_encoder (DreamBooth)
     checkpoints/checkpoint-s<k>-<step>/   resumable state (attn_utils.checkpoint)
 
 A folder or file appears under its final name only once complete (written beside it, then

@@ -18,6 +18,8 @@ from .runfiles import (
     stage_dir,
     write_dir_atomically,
 )
+from .text_training import FOLDER as TEXT_ENCODER_DIR
+from .text_training import load_text_encoder, save_text_encoder
 from .tokens import (
     PlaceholderEmbedding,
     install_placeholder_embedding,
@@ -54,6 +56,7 @@ def finish_trainable(stage: int, params: StageParams, text_encoder) -> None:
     """Leave the models in their plain form, the stage's result folded in, all frozen."""
     if params.embedding is not None:
         remove_placeholder_embedding(text_encoder, params.embedding)
+    text_encoder.eval()  # --train_text_encoder put it in train mode
     for p in params.named.values():
         p.requires_grad_(False)
 
@@ -66,8 +69,10 @@ def save_stage_result(
     text_encoder,
     token_ids: list[int],
     info: dict,
+    text_encoder_trained: bool = False,
 ) -> Path:
-    """Write stage_<k>/ atomically: the embedding file or the U-Net, then stage_info.json."""
+    """Write stage_<k>/ atomically: the embedding file or the U-Net (and the trained text
+    encoder), then stage_info.json."""
 
     def write(tmp: Path) -> None:
         if stage == 1:
@@ -75,6 +80,8 @@ def save_stage_result(
             save_embeddings(tmp / EMBEDS_FILE, tokens, rows)
         else:
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            if text_encoder_trained:
+                save_text_encoder(tmp, text_encoder)
         (tmp / STAGE_INFO).write_text(json.dumps({"stage": stage, **info}, indent=2))
 
     return write_dir_atomically(stage_dir(run_dir, stage), write)
@@ -101,6 +108,8 @@ def load_stage_result(
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise ConfigError(f"{weights}: does not match the base model's U-Net")
     unet.load_state_dict(state)
+    if (d / TEXT_ENCODER_DIR).is_dir():  # --train_text_encoder
+        load_text_encoder(d / TEXT_ENCODER_DIR, text_encoder)
 
 
 def missing_stage_message(run_dir: Path, needed: int, requested: list[int]) -> str:

@@ -49,6 +49,7 @@ from .stages import (
     select_trainable,
 )
 from .step import denoise_losses, encode_latents
+from .text_training import sync_text_encoder_grads, trains_text_encoder, unfreeze_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ class Trainer:
         params = select_trainable(k, self.unet, self.text_encoder, self.token_ids)
         plist = list(params.named.values())
         optimizer = build_optimizer(plist, sc, cfg)
+        plist += unfreeze_text_encoder(self, k, params, optimizer)  # [] unless it trains
+        te = trains_text_encoder(cfg, k)  # then every micro-step encodes with gradients
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
         if resume is not None and resume.name.startswith(f"checkpoint-s{k}-"):
@@ -198,7 +201,7 @@ class Trainer:
                 self.unet,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        cached = self._cached_text() if k >= 2 else None  # frozen encoder, fixed prompt
+        cached = self._cached_text() if k >= 2 and not te else None  # frozen, fixed prompt
         self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
         ga = sc.gradient_accumulation_steps
         loader = stage_loader(self, sc, start)
@@ -234,8 +237,8 @@ class Trainer:
                         step_seed(cfg.seed, k, micro, acc.process_index)
                     )
                     with self._autocast():
-                        ids = prompt_ids(self, k, micro, stats) if k == 1 else None
-                        text = self.text_encoder(ids)[0] if k == 1 else cached
+                        ids = prompt_ids(self, k, micro, stats) if k == 1 or te else None
+                        text = self.text_encoder(ids)[0] if ids is not None else cached
                         mse, reg = self._losses(ddp_unet, batch, text, gen, stats, sc)
                         loss = (mse + reg) / ga
                     loss_bad = meter.add_micro(mse, reg, ga)
@@ -318,6 +321,7 @@ class Trainer:
             g = params.embedding.learned.grad
             torch.distributed.all_reduce(g)
             g.div_(self.acc.num_processes)
+        sync_text_encoder_grads(params, self.acc.num_processes)  # DDP wraps the U-Net only
         return optimizer_step(optimizer, scaler, plist, self.cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ helpers
@@ -350,21 +354,9 @@ class Trainer:
         return path or self.run_dir / "checkpoints"
 
     def _resume(self, path: Path, k: int, params, optimizer, scaler) -> int:
-        state, tensors, opt_state = ck.load_checkpoint(path)
-        if state.get("fingerprint") != self.fingerprint(k):
-            raise ConfigError(
-                f"--resume_from_checkpoint: {path} was written with different data, base model "
-                "or settings; refusing to mix them (use a new --output_dir)"
-            )
-        if set(tensors) != set(params.named):
-            raise ConfigError(f"--resume_from_checkpoint: {path} holds other parameters")
-        with torch.no_grad():
-            for name, p in params.named.items():
-                p.copy_(tensors[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(opt_state)
-        scaler.load_state_dict(state.get("scaler") or {})
-        self.acc.print(f"stage {k}: resumed from {path} at step {state['step']}")
-        return int(state["step"])
+        step = ck.restore_checkpoint(path, self.fingerprint(k), params.named, optimizer, scaler)
+        self.acc.print(f"stage {k}: resumed from {path} at step {step}")
+        return step
 
     def _validate(self, k: int, step: int, stats: TokenStats) -> None:
         if not self.cfg.validation_prompt:
@@ -397,6 +389,7 @@ class Trainer:
                 self.text_encoder,
                 self.token_ids,
                 info,
+                text_encoder_trained=trains_text_encoder(self.cfg, k),
             )
             for old in ck.list_checkpoints(self.run_dir):  # superseded by the stage result
                 if old.name.startswith(f"checkpoint-s{k}-"):
