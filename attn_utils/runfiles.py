@@ -251,6 +251,21 @@ def load_embeddings(path: str | Path, dim: int | None = None) -> dict[str, torch
     return out
 
 
+def load_weights_into(module: torch.nn.Module, weights: Path, what: str, missing: str) -> None:
+    """Copy a safetensors state dict into a resident module of the same shapes.
+
+    `what` names the module in the mismatch error ("U-Net"), `missing` says what is
+    incomplete when the file is absent; both errors name the file.
+    """
+    if not Path(weights).is_file():
+        raise ConfigError(f"{weights}: not found; {missing} is incomplete")
+    state = load_file(str(weights))
+    own = module.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ConfigError(f"{weights}: does not match the base model's {what}")
+    module.load_state_dict(state)
+
+
 # ---------------------------------------------------------------- pictures
 
 

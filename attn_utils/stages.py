@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .config import STAGE_TITLES, ConfigError
 from .runfiles import (
     EMBEDS_FILE,
     STAGE_INFO,
     load_embeddings,
+    load_weights_into,
     save_embeddings,
     stage_dir,
     write_dir_atomically,
@@ -101,13 +101,7 @@ def load_stage_result(
         set_embeddings(text_encoder, token_ids, torch.stack([data[t] for t in tokens]))
         return
     weights = d / "unet" / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{weights}: not found; stage {stage} result is incomplete")
-    state = load_file(str(weights))
-    own = unet.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise ConfigError(f"{weights}: does not match the base model's U-Net")
-    unet.load_state_dict(state)
+    load_weights_into(unet, weights, "U-Net", f"stage {stage} result")
     if (d / TEXT_ENCODER_DIR).is_dir():  # --train_text_encoder
         load_text_encoder(d / TEXT_ENCODER_DIR, text_encoder)
 

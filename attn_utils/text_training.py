@@ -13,9 +13,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .config import ConfigError, RunConfig
+from .runfiles import load_weights_into
 
 STAGE = 3  # the stage that trains the whole U-Net trains the text encoder too
 PREFIX = "text_encoder."  # names of its tensors in checkpoints, beside the U-Net's
@@ -147,10 +147,4 @@ def trained_text_encoder(folder: str | Path) -> str | None:
 def load_text_encoder(folder: str | Path, text_encoder) -> None:
     """Copy a saved text encoder's weights into a resident one of the same shape."""
     weights = Path(folder) / WEIGHTS
-    if not weights.is_file():
-        raise ConfigError(f"{weights}: not found; the trained text encoder is incomplete")
-    state = load_file(str(weights))
-    own = text_encoder.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise ConfigError(f"{weights}: does not match the base model's text encoder")
-    text_encoder.load_state_dict(state)
+    load_weights_into(text_encoder, weights, "text encoder", "the trained text encoder")
