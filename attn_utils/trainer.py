@@ -186,6 +186,7 @@ class Trainer:
     def train_stage(self, sc: StageConfig, resume: Path | None) -> None:
         cfg, acc = self.cfg, self.acc
         k = sc.index
+        self.snapshot = HostSnapshot()  # this stage's tensors: the last one's buffers go
         params = select_trainable(k, self.unet, self.text_encoder, self.token_ids)
         plist = list(params.named.values())
         optimizer = build_optimizer(plist, sc, cfg)
