@@ -46,7 +46,7 @@ class BackgroundWriter:
     """One write at a time in a non-daemon thread; its error surfaces at the next wait().
 
     Non-daemon: an exiting interpreter still finishes the write, so no checkpoint is lost
-    half-way; the write itself is atomic (checkpoint.write_dir_atomically).
+    half-way; the write itself is atomic (runfiles.write_dir_atomically).
     """
 
     def __init__(self) -> None:

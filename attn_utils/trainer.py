@@ -37,7 +37,6 @@ from .runtime import (
     build_optimizer,
     optimizer_step,
     rank_checksums,
-    skips_on_device,
     stage_fingerprint,
     stop_requested,
 )
@@ -242,17 +241,15 @@ class Trainer:
                         text = self.text_encoder(ids)[0] if ids is not None else cached
                         mse, reg = self._losses(ddp_unet, batch, text, gen, stats, sc)
                         loss = (mse + reg) / ga
-                    loss_bad = meter.add_micro(mse, reg, ga)
-                    if not skips_on_device(optimizer) and bool(loss_bad):
-                        raise TrainingStopped(self._nan_message(k, step + 1, "loss"), 3)
+                    meter.add_micro(mse, reg, ga)
                     scaler.scale(loss).backward()
                 if not last_micro:
                     continue
                 grad_bad = self._optimizer_step(params, optimizer, scaler, plist)
                 step += 1
-                if grad_bad is True:  # read on the host: the optimiser cannot skip by itself
-                    raise TrainingStopped(self._nan_message(k, step, "gradient"), 3)
                 meter.end_step(step, grad_bad)
+                if grad_bad is True:  # read on the host (no fused skip): stop now, as loss or
+                    self._read_meter(meter, k, step, sc, bar)  # gradient, on every process
                 prof.step_done(step)
                 bar.update(1)
                 ckpt = bool(sc.checkpointing_steps) and step % sc.checkpointing_steps == 0

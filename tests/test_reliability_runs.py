@@ -227,12 +227,14 @@ def test_completed_stage_with_other_data_is_refused(run_train, capsys, tmp_path,
     assert not (out / "stage_2").exists()
 
 
+@pytest.mark.parametrize("opt", ["--fused_adam", "--no-fused_adam"])  # device skip / host read
 def test_inf_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(
-    run_train, capsys, monkeypatch, tmp_path, tiny_model, concept, full_run
+    run_train, capsys, monkeypatch, tmp_path, tiny_model, concept, full_run, opt
 ):
     out = tmp_path / "run"
     copy_stages(full_run, out, 1)
-    argv = train_argv(tiny_model, concept, out, "--stages", "2", "--attn_checkpointing_steps", "2")
+    argv = train_argv(tiny_model, concept, out, "--stages", "2", "--attn_checkpointing_steps", "2",
+                      opt)  # fmt: skip
     capsys.readouterr()
     with monkeypatch.context() as m:
         hook(m, "_losses", 3, after=lambda mse, reg: (mse * float("inf"), reg))
