@@ -16,30 +16,46 @@ import torch
 
 
 class HostSnapshot:
-    """Reusable host buffers for device tensors; pinned on CUDA so the copies run async."""
+    """Reusable host buffers for device tensors; pinned on CUDA so the copies run async.
 
-    def __init__(self) -> None:
+    The buffers are leased: take() refuses to overwrite them until release() says the
+    write that reads them is done, so a checkpoint never mixes two steps' tensors.
+    `reuse_cpu` sends CPU tensors through the same buffers (the tests' stand-in for CUDA).
+    """
+
+    def __init__(self, reuse_cpu: bool = False) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._reuse_cpu = reuse_cpu
+        self._leased = threading.Event()
 
     def take(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Callable]:
         """(host copies, ready): call ready() before reading the copies (from any thread)."""
-        out, events = {}, []
+        if self._leased.is_set():
+            raise RuntimeError("HostSnapshot.take: the last snapshot is still being written")
+        out, events, reused = {}, [], False
         for name, t in tensors.items():
             t = t.detach()
-            if t.device.type == "cpu":  # the loop changes it in place: copy now
+            if t.device.type == "cpu" and not self._reuse_cpu:  # changed in place: copy now
                 out[name] = t.clone(memory_format=torch.contiguous_format)
                 continue
             buf = self._buffers.get(name)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                pin = t.device.type == "cuda"
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
                 self._buffers[name] = buf
             buf.copy_(t, non_blocking=True)
-            out[name] = buf
+            out[name], reused = buf, True
+        if reused:
+            self._leased.set()
         if any(t.device.type == "cuda" for t in tensors.values()):
             event = torch.cuda.Event()
             event.record()  # after the copies on the current stream
             events.append(event)
         return out, lambda: [e.synchronize() for e in events]
+
+    def release(self) -> None:
+        """The copies of the last take() have been written: the buffers may be reused."""
+        self._leased.clear()
 
 
 class BackgroundWriter:

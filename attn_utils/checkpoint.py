@@ -62,6 +62,10 @@ def save_checkpoint(
     if snapshot is None:
         host, ready = {k: v.detach().cpu().contiguous() for k, v in both.items()}, lambda: None
     else:
+        if writer is not None:
+            # The write in flight may still read the reused buffers: copying this step
+            # into them now would give that checkpoint a mix of two steps' tensors.
+            writer.wait()
         host, ready = snapshot.take(both)
 
     def write(tmp: Path) -> None:
@@ -73,7 +77,11 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
     def job() -> None:
-        write_dir_atomically(final, write)
+        try:
+            write_dir_atomically(final, write)
+        finally:
+            if snapshot is not None:
+                snapshot.release()
         if total_limit:
             for old in list_checkpoints(run_dir)[:-total_limit]:
                 remove_dir(old)

@@ -38,8 +38,14 @@ class StepMeter:
         self.steps += 1
 
     def read(self) -> tuple[dict[str, float], tuple[int, str] | None]:
-        """One host sync: ({loss, reg} means since the last read, (first bad step, what))."""
-        values = torch.cat([self.sums, self.bad.to(self.sums.dtype)]).tolist()
+        """One host sync: ({loss, reg} means since the last read, (first bad step, what)).
+
+        With several processes the bad steps are agreed on (one collective: call read at
+        the same steps everywhere): a NaN on one rank stops every rank at the same read,
+        never leaving the others in DDP's next all-reduce. Under fp16 the GradScaler hides
+        the gradient's NaN, so the loss flag is the only signal, and it is per process.
+        """
+        values = torch.cat([self.sums, _agreed_first(self.bad).to(self.sums.dtype)]).tolist()
         n = max(self.steps, 1)
         logs = {"loss": values[0] / n, "reg": values[1] / n}
         self.sums = torch.zeros_like(self.sums)
@@ -50,3 +56,14 @@ class StepMeter:
         if grad_at:
             return logs, (grad_at, "gradient")
         return logs, None
+
+
+def _agreed_first(bad: torch.Tensor) -> torch.Tensor:
+    """The earliest non-zero step of each flag over all processes (0: none anywhere)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bad
+    never = torch.iinfo(torch.int64).max
+    first = torch.where(bad == 0, never, bad)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    return torch.where(first == never, 0, first)

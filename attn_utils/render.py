@@ -125,7 +125,7 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
     """
     return torch.stack(
         [
-            torch.randn(shape, generator=torch.Generator().manual_seed(s), device="cpu")
+            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), device="cpu")
             for s in seeds
         ]
     )

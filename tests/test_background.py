@@ -64,3 +64,81 @@ def test_finish_writes_waits_on_an_error_and_keeps_that_error():
         writer.submit(lambda: (time.sleep(0.1), done.append(True)))
         raise KeyError("the loop crashed")
     assert done == [True]  # the checkpoint in flight was finished, not lost
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["cpu-copy", "reused-buffers"])
+def test_a_slow_write_never_sees_the_next_steps_tensors(monkeypatch, tmp_path, reuse):
+    """Checkpoint N is still being written when step N+1 checkpoints: N keeps step N's values.
+
+    `reuse` sends the CPU tensors through the reused (pinned on CUDA) buffers, the path
+    where checkpoint N+1's copies used to land in the buffers checkpoint N was writing.
+    """
+    import attn_utils.checkpoint as ck
+
+    real_save, gate = ck.save_file, threading.Event()
+
+    def slow_save(tensors, path):
+        gate.wait(0.5)  # the disk is slower than the next steps
+        return real_save(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", slow_save)
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    snapshot, writer, expected = HostSnapshot(reuse_cpu=reuse), BackgroundWriter(), {}
+    for step in (1, 2, 3):
+        p.grad = torch.full((8,), float(step))
+        opt.step()
+        expected[step] = (p.detach().clone(), opt.state[p]["exp_avg"].clone())
+        ck.save_checkpoint(tmp_path, 1, step, {"w": p}, opt, {}, None, snapshot, writer)
+    gate.set()
+    writer.wait()
+    for step, (w, m) in expected.items():
+        state, tensors, opt_state = ck.load_checkpoint(
+            tmp_path / f"checkpoints/checkpoint-s1-{step:06d}"
+        )
+        assert state["step"] == step
+        assert torch.equal(tensors["w"], w), step
+        assert torch.equal(opt_state["state"][0]["exp_avg"], m), step
+
+
+def test_snapshot_buffers_are_not_reused_before_release():
+    snap = HostSnapshot(reuse_cpu=True)
+    snap.take({"w": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match="still being written"):
+        snap.take({"w": torch.ones(2)})
+    snap.release()
+    host, _ = snap.take({"w": torch.ones(2)})
+    assert host["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["plain", "clipped"])
+def test_fused_adamw_skips_a_non_finite_step_without_touching_its_state(bad, clip):
+    """optimizer_step's device-side skip: parameters, both moments and the step count stay."""
+    from attn_utils.runtime import optimizer_step, skips_on_device
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert skips_on_device(opt)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    assert not bool(optimizer_step(opt, scaler, params, clip))  # one good step: state exists
+    before = [p.detach().clone() for p in params]
+    state = {
+        k: [opt.state[p][k].clone() for p in params] for k in ("exp_avg", "exp_avg_sq", "step")
+    }
+    params[0].grad = torch.randn(5)
+    params[1].grad = torch.randn(2, 3)
+    params[1].grad[0, 1] = bad  # one bad entry in one tensor
+    assert bool(optimizer_step(opt, scaler, params, clip))
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), before[i])
+        for k, vals in state.items():
+            assert torch.equal(opt.state[p][k], vals[i]), (k, i)
+    for p in params:  # and the next good step updates again
+        p.grad = torch.ones_like(p)
+    assert not bool(optimizer_step(opt, scaler, params, clip))
+    assert not torch.equal(params[0].detach(), before[0])
+    assert opt.state[params[0]]["step"].item() == 2

@@ -7,15 +7,20 @@ model tensor raises, as CUDA does, and the mode lists every redirected call.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import ROOT, train_argv
 from device_emulation import ForeignDefaultDevice
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import inference
 import train_attndreambooth
 from attn_utils import tokens
+from attn_utils import trainer as trainer_module
+from attn_utils.background import HostSnapshot
 from attn_utils.trainer import Trainer
 from bench.modes import StageRun, Variant, place
 from bench.sd21_configs import build_models
@@ -35,6 +40,22 @@ def test_the_emulation_moves_only_project_calls_without_a_device():
         assert _in_project("out = torch.arange(3)", "inference.py").device.type == "meta"
         assert torch.tensor([1]).device.type == "cpu"  # this test file is not project code
     assert len(mode.redirected) == 2 and "tokens.py" in mode.redirected[0]
+
+
+def test_the_emulation_sees_generators_and_numpy_arrays_without_a_device():
+    import numpy as np
+
+    a = np.zeros(2, np.float32)
+    with ForeignDefaultDevice() as mode:
+        assert isinstance(_in_project("out = torch.Generator()"), torch.Generator)
+        _in_project("out = torch.Generator('cpu')")  # deliberately on the CPU: said so
+        _in_project("out = torch.Generator(device=torch.device('cpu'))")
+        assert _in_project("out = torch.from_numpy(a)", a=a).device.type == "meta"
+        host = "def augment():\n    return torch.from_numpy(a)\nout = augment()"
+        assert _in_project(host, "attn_utils/data.py", a=a).device.type == "cpu"  # HOST_SIDE
+        assert torch.from_numpy(a).device.type == "cpu" and torch.Generator() is not None
+    assert [r.rsplit(" ", 1)[1] for r in mode.redirected] == ["Generator", "from_numpy"]
+    assert torch.Generator is not type(mode) and isinstance(torch.Generator(), torch.Generator)
 
 
 def test_the_bug_of_ef40d09_is_caught(monkeypatch, tiny_model, concept, tmp_path):
@@ -60,7 +81,14 @@ class Crash(Exception):
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--ti_checkpointing_steps", "2", "--unet_checkpointing_steps", "2"],
+        [
+            "--ti_checkpointing_steps",
+            "2",
+            "--unet_checkpointing_steps",
+            "2",
+            "--dataloader_num_workers",
+            "1",
+        ],
         ["--cache_latents", "--offload_text_encoder", "--max_grad_norm", "1.0", "--no-fused_adam"],
     ],
     ids=["augment-resume", "pool"],
@@ -79,6 +107,8 @@ def test_training_and_inference_make_every_tensor_on_its_device(
             raise Crash  # leaves checkpoint-s3-000002 to resume from
         return real_save(self, k, *args)
 
+    # checkpoints through the reused host buffers that CUDA tensors take (pinned there)
+    monkeypatch.setattr(trainer_module, "HostSnapshot", partial(HostSnapshot, reuse_cpu=True))
     with ForeignDefaultDevice() as mode:
         with monkeypatch.context() as m:
             m.setattr(Trainer, "_save_stage", crash_before_stage_3_is_saved)
@@ -115,8 +145,8 @@ def test_benchmark_steps_make_every_tensor_on_its_device(mode_name):
     assert mode.redirected == []
 
 
-class HostReads(TorchDispatchMode):
-    """Counts the ops that make the host wait for a CUDA device (.item(), bool(t), ...)."""
+class _SyncOps(TorchDispatchMode):
+    """Counts the aten ops that make the host wait for a CUDA device (.item(), bool(t), ...)."""
 
     SYNCS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero")
 
@@ -127,6 +157,48 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += str(func).startswith(self.SYNCS)
         return func(*args, **(kwargs or {}))
+
+
+# The tensor methods that copy to the host. A CPU tensor's copy never reaches the dispatcher,
+# so they are seen at the Python level. `.to(device)` is left out: under the emulation the
+# training device is the CPU too, and there it cannot be told from a real host copy.
+TO_HOST = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.item)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts what would make the host wait for a CUDA device: the methods of TO_HOST plus
+    the aten-level syncs (bool(t), torch.equal, nonzero, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.methods = 0
+        self._ops = _SyncOps()
+
+    @property
+    def count(self) -> int:
+        return self.methods + self._ops.count
+
+    def __enter__(self):
+        self._ops.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._ops.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.methods += func in TO_HOST
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("call", ["t.tolist()", "t.numpy()", "t.cpu()", "t.item()", "bool(t)"])
+def test_host_reads_counts_every_way_to_the_host(call):
+    t = torch.ones(())
+    with HostReads() as mode:
+        eval(call)
+    with HostReads() as idle:
+        t + 1
+    assert mode.count >= 1 and idle.count == 0
 
 
 def test_training_steps_do_not_wait_for_the_device(tiny_model, concept, tmp_path):

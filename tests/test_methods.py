@@ -128,6 +128,68 @@ def test_prior_loss_matches_slow_reference():
     assert reg.item() == pytest.approx(expected_reg, rel=1e-4, abs=1e-12)
 
 
+class _TinyTextEncoder(torch.nn.Module):
+    """(ids (B, 77)) -> ((B, 77, 16),): the interface prior_losses uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(64, 16)
+
+    def forward(self, ids):
+        return (self.table(ids),)
+
+
+def test_prior_losses_match_separate_instance_and_class_forwards():
+    """prior_losses: VAE latents of both halves, the class prompt's encoding, one joint forward;
+    checked against an instance forward and a class forward written out here."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from attn_utils.prior import prior_losses
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",)).eval()  # fmt: skip
+    unet, encoder = tiny_unet(), _TinyTextEncoder()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    class_ids = torch.randint(0, 64, (1, 77))
+    tr = SimpleNamespace(
+        vae=vae, pool=None, text_encoder=encoder, noise_scheduler=sched, token_ids=[5],
+        device=torch.device("cpu"), prior=SimpleNamespace(input_ids=class_ids, text=None),
+        cfg=SimpleNamespace(train_text_encoder=False, noise_offset=0.0, channels_last=False,
+                            prior_loss_weight=0.7),
+    )  # fmt: skip
+    sc = SimpleNamespace(reg_mean_weight=2.0, reg_var_weight=5.0)
+    inst, cls = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(3, 3, 8, 8) * 2 - 1  # Bi=2, Bc=3
+    text = torch.randn(1, 77, 16)
+    stats = TokenStats()
+    stats.columns = torch.tensor([[5, 6]])
+    with torch.no_grad(), capture_cross_attention(unet, stats):
+        mse, reg = prior_losses(tr, unet, (inst, cls), text, torch.Generator().manual_seed(4),
+                                stats, sc)  # fmt: skip
+    g = torch.Generator().manual_seed(4)  # the same draws in the same order, written out
+    sf = vae.config.scaling_factor
+    with torch.no_grad():
+        li = vae.encode(inst).latent_dist.sample(generator=g) * sf
+        lc = vae.encode(cls).latent_dist.sample(generator=g) * sf
+        class_text = encoder(class_ids)[0]
+    noise = torch.randn(5, 4, 8, 8, generator=g)  # a one-block VAE keeps 8x8
+    t = torch.randint(0, 1000, (5,), generator=g)
+    ref = KeepProbs()
+    with torch.no_grad(), capture_cross_attention(unet, ref):  # the instance half alone
+        pred_i = unet(sched.add_noise(li, noise[:2], t[:2]), t[:2], text.expand(2, -1, -1)).sample
+    with torch.no_grad():
+        noisy_c = sched.add_noise(lc, noise[2:], t[2:])
+        pred_c = unet(noisy_c, t[2:], class_text.expand(3, -1, -1)).sample
+    expected = F.mse_loss(pred_i, noise[:2]) + 0.7 * F.mse_loss(pred_c, noise[2:])
+    torch.testing.assert_close(mse, expected, rtol=1e-5, atol=1e-6)
+    expected_reg = slow_reg(list(ref.maps.values()), [5, 5], 1, [6, 6], 2.0, 5.0)
+    assert reg.item() == pytest.approx(expected_reg, rel=1e-4, abs=1e-12)
+    torch.testing.assert_close(tr.prior.text, class_text)  # encoded once, kept for the run
+
+
 def test_regulariser_off_installs_no_capture():
     unet = tiny_unet()
     before = dict(unet.attn_processors)
