@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from attn_utils.config import ConfigError
+from attn_utils.study_sync import DEFAULT_WAIT_S
 
 log = logging.getLogger("evaluate")
 
@@ -103,6 +104,14 @@ def build_study_parser() -> argparse.ArgumentParser:
         help="extra training flags for one method, e.g. 'dreambooth=--num_class_images 100'",
     )
     p.add_argument("--identity_metric", choices=["dino", "clip_i"], default="dino")
+    p.add_argument(
+        "--wait_timeout",
+        type=float,
+        default=DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help="launched processes: how long one waits for the others without any of them "
+        f"finishing a step, before it stops (default {DEFAULT_WAIT_S:g}, 6 hours)",
+    )
     add_metric_flags(p)
     return p
 
@@ -187,13 +196,16 @@ def _method_args(given: list[str], methods: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def run_study_cli(ns: argparse.Namespace, runner=None) -> int:
+def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) -> int:
     from attn_utils import study
+    from attn_utils.metrics import PREPROCESSING
     from attn_utils.render import read_prompt_file
 
     _check(ns)
     if ns.num_images_per_prompt < 1:
         raise ConfigError("--num_images_per_prompt: must be >= 1")
+    if not ns.wait_timeout > 0:
+        raise ConfigError(f"--wait_timeout: must be > 0 seconds, got {ns.wait_timeout:g}")
     read_prompt_file(ns.prompts)
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     plan = study.StudyPlan(
@@ -212,11 +224,14 @@ def run_study_cli(ns: argparse.Namespace, runner=None) -> int:
             "dino_model": ns.dino_model,
             "clip_t_text": ns.clip_t_text,
             "identity_metric": ns.identity_metric,
+            "preprocessing": PREPROCESSING,  # numbers of another preprocessing do not mix
         },
     )
-    _, world, local_rank = study.dist_info()
+    _, world, local_rank = study.dist_info(env)
     loader = _models_loader(ns, local_rank, world)
-    out = study.run_study(plan, loader, runner or study.run_script)
+    out = study.run_study(
+        plan, loader, runner or study.run_script, env, wait_timeout_s=ns.wait_timeout
+    )
     if out is not None:
         print(f"study written: {out.parent / 'summary.md'}, {out.parent / 'report.md'}")
     return 0

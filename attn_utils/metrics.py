@@ -3,18 +3,20 @@
 - CLIP-T: cosine between a generated image and its prompt's text, in CLIP's projected space.
 - CLIP-I: mean cosine over all (generated, real) pairs of CLIP's projected image embeddings.
 - DINO: the same with the CLS token (last_hidden_state[:, 0]) of a DINO ViT.
-Each model is used with its own saved image processor and tokenizer, so real weights behave
-as in published evaluations.
+Images are preprocessed here, with PIL and numpy, as the original CLIP and DINO code does
+(resize the shortest side, centre crop, normalise), so the numbers do not depend on which
+transformers image-processor backend is installed. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -27,6 +29,77 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # DreamBooth / Textual Inversion evaluations
 DEFAULT_DINO = "facebook/dino-vits16"  # DreamBooth's DINO metric (ViT-S/16)
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's training and evaluation normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, if a config names none
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL's filters by the number a transformers processor config stores as "resample".
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+BACKEND = f"PIL {PIL.__version__} resize and crop, numpy normalisation (attn_utils.metrics)"
+# A study's protocol names it: numbers from another preprocessing must not be mixed in.
+PREPROCESSING = "shortest side resized, centre crop (PIL); DINO 256/224 bicubic, ImageNet"
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the shortest side, centre-crop a square, scale to [0, 1] and normalise."""
+
+    resize: int  # the shortest side after resizing
+    crop: int  # the square's side
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str = "bicubic"  # a PIL filter name
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """(3, crop, crop) float32 of one image."""
+        im = image.convert("RGB")
+        w, h = im.size
+        # torchvision's Resize(int): the short side becomes `resize`, the long side is truncated.
+        long = int(self.resize * max(w, h) / min(w, h))
+        size = (self.resize, long) if w <= h else (long, self.resize)
+        im = im.resize(size, Image.Resampling[self.resample.upper()])
+        # torchvision's CenterCrop offsets (rounded), as the CLIP and DINO repositories use.
+        left, top = (int(round((s - self.crop) / 2.0)) for s in size)
+        im = im.crop((left, top, left + self.crop, top + self.crop))
+        x = np.asarray(im, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return x.transpose(2, 0, 1)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B, 3, crop, crop) float32 pixel values."""
+        return torch.from_numpy(np.stack([self.array(im) for im in images]))
+
+    def settings(self) -> dict:
+        """What metrics.json records: the numbers and the code that applied them."""
+        return {**asdict(self), "backend": BACKEND}
+
+
+def dino_transform(crop: int = 224) -> ImageTransform:
+    """The DINO repository's evaluation transform: Resize(256, bicubic), CenterCrop(224),
+    ImageNet mean / std (scaled by 256 / 224 for a model of another input size)."""
+    return ImageTransform(crop * 256 // 224, crop, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+
+
+def _side(value, default: int) -> int:
+    """A processor config's size: 224, {"shortest_edge": 224} or {"height": .., "width": ..}."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict) and value:
+        side = value.get("shortest_edge")
+        return int(side or min(value.get("height", default), value.get("width", default)))
+    return default
+
+
+def clip_transform(config: dict, image_size: int) -> ImageTransform:
+    """OpenAI CLIP's transform (resize the shortest side, centre crop) with the sizes, filter
+    and mean / std of the model's saved processor config."""
+    return ImageTransform(
+        _side(config.get("size"), image_size),
+        _side(config.get("crop_size"), image_size),
+        tuple(config.get("image_mean") or CLIP_MEAN),
+        tuple(config.get("image_std") or CLIP_STD),
+        RESAMPLE.get(config.get("resample", 3), "bicubic"),
+    )
 
 
 def load_metric_model(
@@ -63,23 +136,24 @@ def load_metric_model(
 
 
 def _load_clip(name: str, kw: dict):
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel, ImageProcessingMixin
 
     model = CLIPModel.from_pretrained(name, **kw)
-    return (
-        model,
-        AutoImageProcessor.from_pretrained(name, **kw),
-        AutoTokenizer.from_pretrained(name, **kw),
-    )
+    # The config file only: no image processor (and so no backend choice) is instantiated.
+    config, _ = ImageProcessingMixin.get_image_processor_dict(name, **kw)
+    transform = clip_transform(config, model.config.vision_config.image_size)
+    return model, transform, AutoTokenizer.from_pretrained(name, **kw)
 
 
 def _load_dino(name: str, kw: dict):
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
 
     # Only the CLS token is used: a ViT's pooler (absent from DINO's weights) is not built.
-    vit = AutoConfig.from_pretrained(name, **kw).model_type == "vit"
+    config = AutoConfig.from_pretrained(name, **kw)
+    vit = config.model_type == "vit"
     model = AutoModel.from_pretrained(name, **kw, **({"add_pooling_layer": False} if vit else {}))
-    return model, AutoImageProcessor.from_pretrained(name, **kw)
+    # Not the Hub's preprocessor_config.json: for facebook/dino-vits16 it squashes to 224x224.
+    return model, dino_transform(getattr(config, "image_size", 224))
 
 
 def _pooled(out) -> torch.Tensor:
@@ -95,13 +169,13 @@ def normalize(x: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class MetricModels:
-    """CLIP (model, image processor, tokenizer) and DINO (model, image processor) on a device."""
+    """CLIP (model, transform, tokenizer) and DINO (model, transform) on a device."""
 
     clip: object
-    clip_processor: object
+    clip_transform: ImageTransform
     clip_tokenizer: object
     dino: object
-    dino_processor: object
+    dino_transform: ImageTransform
     device: torch.device
     dtype: torch.dtype
     batch_size: int = 32
@@ -119,33 +193,35 @@ class MetricModels:
     ) -> MetricModels:
         """Load both models (one clear error naming --clip_model / --dino_model on failure)."""
         device, dtype = torch.device(device), MIXED_PRECISION[mixed_precision]
-        clip, clip_proc, tok = load_metric_model(
+        clip, clip_tf, tok = load_metric_model(
             "--clip_model", clip_model, _load_clip, local_files_only
         )
-        dino, dino_proc = load_metric_model(
-            "--dino_model", dino_model, _load_dino, local_files_only
-        )
+        dino, dino_tf = load_metric_model("--dino_model", dino_model, _load_dino, local_files_only)
         for m in (clip, dino):
             m.requires_grad_(False)
             m.eval()
             m.to(device=device, dtype=dtype)
         names = (clip_model, dino_model)
-        return cls(clip, clip_proc, tok, dino, dino_proc, device, dtype, batch_size, names)
+        return cls(clip, clip_tf, tok, dino, dino_tf, device, dtype, batch_size, names)
 
-    def _pixels(self, processor, images: list[Image.Image]) -> torch.Tensor:
-        px = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+    def preprocessing(self) -> dict:
+        """{clip, dino: the transform's settings and backend}, for metrics.json."""
+        return {"clip": self.clip_transform.settings(), "dino": self.dino_transform.settings()}
+
+    def _pixels(self, transform: ImageTransform, images: list[Image.Image]) -> torch.Tensor:
+        px = transform(images)  # (B, 3, H, W)
         return px.to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
     def clip_image(self, images: list[Image.Image]) -> np.ndarray:
         """(B, D) unit CLIP image embeddings (projected)."""
-        out = self.clip.get_image_features(pixel_values=self._pixels(self.clip_processor, images))
+        out = self.clip.get_image_features(pixel_values=self._pixels(self.clip_transform, images))
         return normalize(_pooled(out))
 
     @torch.inference_mode()
     def dino_image(self, images: list[Image.Image]) -> np.ndarray:
         """(B, D) unit DINO CLS embeddings."""
-        out = self.dino(pixel_values=self._pixels(self.dino_processor, images))
+        out = self.dino(pixel_values=self._pixels(self.dino_transform, images))
         return normalize(out.last_hidden_state[:, 0])  # CLS token
 
     @torch.inference_mode()

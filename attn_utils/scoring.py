@@ -72,12 +72,17 @@ def read_index(samples_dir: str | Path) -> tuple[dict, list[dict]]:
         ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"--samples_dir: {shown(path)} is not a valid index ({e!r})") from None
+    if not prompts:
+        raise ConfigError(f"--samples_dir: {shown(path)} lists no prompts")
     for p in prompts:
+        if not p["files"]:  # its means would be NaN, and metrics.json invalid JSON
+            raise ConfigError(
+                f"--samples_dir: {shown(path)} lists no images for prompt {p['prompt']!r} "
+                "(an unfinished or edited render; render it again)"
+            )
         for f in p["files"]:
             if not f.is_file():
                 raise ConfigError(f"--samples_dir: {shown(f)} listed in index.json is missing")
-    if not any(p["files"] for p in prompts):
-        raise ConfigError(f"--samples_dir: {shown(path)} lists no images")
     return index, prompts
 
 
@@ -143,6 +148,7 @@ def score_samples(
         "clip_model": models.names[0],
         "dino_model": models.names[1],
         "dtype": str(models.dtype).removeprefix("torch."),
+        "preprocessing": models.preprocessing(),
         "real_files": real["files"],
         "render": index.get("settings", {}),
     }

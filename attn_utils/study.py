@@ -7,9 +7,11 @@ Layout of --out:
     concepts/<name>/<variant>/samples/  inference.py output (index.json)
     concepts/<name>/<variant>/render.done.json, metrics.json|csv|md, overview.png
     summary.json|csv|md, identity_vs_text.png, per_prompt.png, report.md
+    study.failed.json                   written by a process that failed (see study_sync)
 A step whose record exists is never redone, so an interrupted study continues where it
 stopped. Under torchrun / accelerate launch, concept i goes to process i % world_size and
-rank 0 writes the aggregate once every concept's metrics exist.
+rank 0 writes the aggregate once every concept's metrics exist; a waiting process stops when
+another fails, or after a wait without progress.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .config import ConfigError
 from .data import load_image, shown
 from .render import read_prompt_file
 from .runfiles import image_grid, write_json_atomically
+from .study_sync import DEFAULT_WAIT_S, MARKER, FailureMarker, PeerFailed, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -354,30 +357,50 @@ def pending(plan: StudyPlan) -> list[str]:
     ]
 
 
+def progress(plan: StudyPlan) -> int:
+    """How many steps have finished: stages trained, runs and rows rendered, rows scored."""
+    root = plan.out / "concepts"
+    steps = ("*/run*/stage_*", "*/*.done.json", "*/*/render.done.json", "*/*/metrics.json")
+    return sum(1 for pattern in steps for _ in root.glob(pattern))
+
+
 def run_study(
     plan: StudyPlan,
     models: Callable[[], object],
     runner=run_script,
     env: dict | None = None,
     poll_s: float = 10.0,
+    wait_timeout_s: float = DEFAULT_WAIT_S,
 ) -> Path | None:
-    """Run this process's share of the concepts; rank 0 then writes the aggregate."""
+    """Run this process's share of the concepts; rank 0 then writes the aggregate.
+
+    A process that fails writes study.failed.json; the waiting ones then stop too, and any
+    wait ends after `wait_timeout_s` seconds without progress."""
     env = dict(os.environ) if env is None else env
     rank, world, local_rank = dist_info(env)
-    if rank == 0:
-        check_protocol(plan)
-    else:
-        while not _protocol_written(plan):  # rank 0 checks and writes it first
-            time.sleep(0.5)
-    mine = [plan.concepts[i] for i in shard(len(plan.concepts), rank, world)]
-    worker = ConceptRunner(plan, models, runner, child_env(env, local_rank, world))
-    for c in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="concept"):
-        worker.run(c)
-    if rank != 0:
-        return None
-    while left := pending(plan):  # the other processes' concepts
-        log.info("waiting for %d evaluation(s) of other processes: %s", len(left), left[:3])
-        time.sleep(poll_s)
+    marker = FailureMarker(plan.out / MARKER, rank, world, env.get("TORCHELASTIC_RESTART_COUNT"))
+    try:
+        if rank == 0:
+            marker.clear()  # an earlier launch's
+            check_protocol(plan)
+        else:  # rank 0 checks and writes it first
+            what = f"rank 0 to write {shown(plan.out / 'study.json')}"
+            wait_for(what, lambda: _protocol_written(plan), marker, wait_timeout_s, 0.5)
+        mine = [plan.concepts[i] for i in shard(len(plan.concepts), rank, world)]
+        worker = ConceptRunner(plan, models, runner, child_env(env, local_rank, world))
+        for c in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="concept"):
+            worker.run(c)
+        if rank != 0:
+            return None
+        if left := pending(plan):  # the other processes' concepts
+            log.info("waiting for %d evaluation(s) of other processes: %s", len(left), left[:3])
+            what = "the other processes' evaluations: " + ", ".join(left[:3])
+            steps = lambda: progress(plan)
+            wait_for(what, lambda: not pending(plan), marker, wait_timeout_s, poll_s, steps)
+    except BaseException as e:
+        if world > 1 and not isinstance(e, PeerFailed):  # the first failure's message stays
+            marker.write(e)
+        raise
     from .summary import write_summary
 
     return write_summary(plan)

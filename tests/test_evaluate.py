@@ -20,7 +20,14 @@ from attn_utils.metrics import MetricModels, clip_t_text
 from attn_utils.render import read_prompt_file
 from attn_utils.scoring import embed_real, prompt_class, score_samples
 
-PROMPTS = {"a {} on the beach": "a_beach", "a watercolor painting of {}": "a_watercolor"}
+# Texts of different lengths: CLIP-T's batched text embedding pads the short one.
+PROMPTS = {
+    "a {} on the beach": "a_beach",
+    "a watercolor painting of {} in a snowy forest at night": "a_watercolor",
+}
+# The protocol's preprocessing of the tiny models, pinned: (shortest side, crop, mean, std).
+CLIP_PREP = (32, 32, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+DINO_PREP = (36, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # 32 * 256 // 224, then 32
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +41,10 @@ def models(metric_dirs) -> MetricModels:
     return MetricModels.load(str(metric_dirs[0]), str(metric_dirs[1]), "cpu", batch_size=3)
 
 
-def _noise_image(seed: int, size: int = 40) -> Image.Image:
+def _noise_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """Noise of (width, height); not square, so resizing and cropping both matter."""
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 def fake_samples(root: Path, per_prompt: int = 2, image=None, category="sloth") -> Path:
@@ -59,11 +67,26 @@ def fake_samples(root: Path, per_prompt: int = 2, image=None, category="sloth") 
 def real_dir(root: Path, n: int = 3, image=None) -> Path:
     root.mkdir(parents=True)
     for i in range(n):
-        (image or _noise_image(i)).save(root / f"{i}.png")
+        (image or _noise_image(i, (37, 53))).save(root / f"{i}.png")  # portrait
     return root
 
 
 # ---------------------------------------------------------------- the metrics
+
+
+def _reference_pixels(image: Image.Image, short: int, crop: int, mean, std) -> torch.Tensor:
+    """(1, 3, crop, crop): shortest side to `short` (bicubic), the centre square, normalised;
+    one pixel at a time."""
+    w, h = image.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    im = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+    out = np.zeros((3, crop, crop), dtype=np.float64)
+    for y in range(crop):
+        for x in range(crop):
+            for c, v in enumerate(im.getpixel((left + x, top + y))):
+                out[c, y, x] = (v / 255 - mean[c]) / std[c]
+    return torch.from_numpy(out).float()[None]
 
 
 def _slow_reference(models: MetricModels, gen: list[Path], reals: list[Path], texts: list[str]):
@@ -71,13 +94,13 @@ def _slow_reference(models: MetricModels, gen: list[Path], reals: list[Path], te
     clip, dino = models.clip, models.dino
 
     def clip_img(p):
-        px = models.clip_processor(images=[Image.open(p).convert("RGB")], return_tensors="pt")
-        out = clip.get_image_features(pixel_values=px["pixel_values"])
+        px = _reference_pixels(Image.open(p), *CLIP_PREP)
+        out = clip.get_image_features(pixel_values=px)
         return (out if isinstance(out, torch.Tensor) else out.pooler_output)[0].numpy()
 
     def dino_img(p):
-        px = models.dino_processor(images=[Image.open(p).convert("RGB")], return_tensors="pt")
-        return dino(pixel_values=px["pixel_values"]).last_hidden_state[0, 0].numpy()
+        px = _reference_pixels(Image.open(p), *DINO_PREP)
+        return dino(pixel_values=px).last_hidden_state[0, 0].numpy()
 
     def clip_txt(t):
         ids = models.clip_tokenizer([t], return_tensors="pt")
@@ -107,8 +130,12 @@ def test_each_metric_matches_a_slow_reference(models, tmp_path):
     reals = real_dir(tmp_path / "real", n=3)
     result = score_samples(models, samples, embed_real(models, reals), "sloth")
     gen = [samples / r["file"] for r in result["per_image"]]
-    texts = ["a sloth on the beach"] * 2 + ["a watercolor painting of sloth"] * 2
+    texts = ["a sloth on the beach"] * 2 + [
+        "a watercolor painting of sloth in a snowy forest at night"
+    ] * 2
     assert [p["text"] for p in result["per_prompt"]] == texts[::2]
+    n_tokens = [len(models.clip_tokenizer(t)["input_ids"]) for t in texts[::2]]
+    assert n_tokens[0] < n_tokens[1]  # the short text is padded in the batch
     ref = _slow_reference(models, gen, sorted(reals.iterdir()), texts)
     for got, want in zip(result["per_image"], ref):
         for m in ("clip_t", "clip_i", "dino"):
@@ -118,6 +145,28 @@ def test_each_metric_matches_a_slow_reference(models, tmp_path):
     for m in ("clip_t", "clip_i", "dino"):  # overall = mean over images = mean over all pairs
         assert o[m] == pytest.approx(np.mean([r[m] for r in ref]), abs=1e-5)
         assert result["per_prompt"][0][m] == pytest.approx(np.mean([r[m] for r in ref[:2]]), 1e-5)
+
+
+def test_images_are_centre_cropped_not_squashed(models):
+    """DINO as the DINO repository evaluates: the shortest side resized, the centre cut out."""
+    wide = Image.new("RGB", (72, 36))  # black, with a white centre square of 36 x 36
+    wide.paste((255, 255, 255), (18, 0, 54, 36))
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    # Cropped, the wide image is all white; squashed, its black sides would show.
+    assert models.dino_image([wide]) == pytest.approx(models.dino_image([white]), abs=1e-6)
+    ImageTransform, dino_transform = metrics_mod.ImageTransform, metrics_mod.dino_transform
+    assert models.dino_transform == ImageTransform(*DINO_PREP, "bicubic")
+    assert models.clip_transform == ImageTransform(*CLIP_PREP, "bicubic")
+    assert dino_transform(224) == ImageTransform(256, 224, *DINO_PREP[2:], "bicubic")
+    for size in [(50, 31), (31, 50), (33, 33), (100, 41)]:
+        im = _noise_image(sum(size), size)
+        for transform, prep in [
+            (models.dino_transform, DINO_PREP),
+            (models.clip_transform, CLIP_PREP),
+        ]:
+            got = transform([im])
+            assert got.shape == (1, 3, 32, 32)
+            assert torch.allclose(got, _reference_pixels(im, *prep), atol=1e-6), size
 
 
 def test_identical_generated_and_real_sets_score_one(models, tmp_path):
@@ -163,6 +212,14 @@ def test_cli_writes_json_csv_md(metric_dirs, tmp_path, capsys):
     assert len(result["per_image"]) == 6 and len(result["per_prompt"]) == 2
     assert set(result["per_class"]) == {"background", "style"}
     assert result["settings"]["category"] == "sloth"
+    prep = result["settings"]["preprocessing"]
+    assert (prep["dino"]["resize"], prep["dino"]["crop"], prep["dino"]["resample"]) == (
+        36,
+        32,
+        "bicubic",
+    )
+    assert list(prep["clip"]["mean"]) == list(CLIP_PREP[2]) and prep["clip"]["crop"] == 32
+    assert all("PIL" in prep[m]["backend"] for m in ("clip", "dino"))
     rows = list(csv.DictReader((samples / "metrics.csv").open()))
     assert [r["level"] for r in rows] == ["prompt", "prompt", "class", "class", "overall"]
     assert float(rows[-1]["dino"]) == pytest.approx(result["overall"]["dino"])
@@ -212,4 +269,19 @@ def test_bad_samples_folder_is_one_error_and_writes_nothing(metric_dirs, tmp_pat
     run = lambda argv: evaluate.main(argv)
     line, _ = cli_error(run, capsys, _eval_argv(samples, reals, *metric_dirs))
     assert line.startswith("error: --samples_dir:") and "index.json" in line
+    assert not list(samples.glob("metrics.*"))
+
+
+def test_prompt_without_images_is_one_error_and_writes_nothing(metric_dirs, tmp_path, capsys):
+    """An index.json prompt with no image would give NaN means (and invalid JSON)."""
+    samples = fake_samples(tmp_path / "samples")
+    reals = real_dir(tmp_path / "real")
+    index = json.loads((samples / "index.json").read_text())
+    empty = {"template": "a {} in the snow", "dir": "snow", "files": [], "grid": None}
+    index["prompts"]["a new_concept_v0 sloth in the snow"] = empty
+    (samples / "index.json").write_text(json.dumps(index))
+    run = lambda argv: evaluate.main(argv)
+    line, _ = cli_error(run, capsys, _eval_argv(samples, reals, *metric_dirs))
+    assert line.startswith("error: --samples_dir:") and "index.json" in line
+    assert "'a new_concept_v0 sloth in the snow'" in line
     assert not list(samples.glob("metrics.*"))

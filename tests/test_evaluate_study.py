@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import cli_error
+from conftest import ROOT, cli_error
+from PIL import Image
 from tiny_metric_models import build_tiny_clip, build_tiny_dino
 
 import evaluate
@@ -45,6 +52,20 @@ def _never(*_a, **_k):
     raise AssertionError("a finished step was redone")
 
 
+def _with_out(argv: list[str], out: Path) -> list[str]:
+    """The study's argv with another --out."""
+    i = argv.index("--out") + 1
+    return [*argv[:i], str(out), *argv[i + 1 :]]
+
+
+def _assert_picture(path: Path) -> None:
+    """A real plot: a sizeable image, not blank (several colours, pixels that vary)."""
+    im = Image.open(path).convert("RGB")
+    assert min(im.size) >= 300, im.size
+    px = np.asarray(im, dtype=np.float64)
+    assert px.std() > 5 and len(np.unique(px.reshape(-1, 3), axis=0)) > 10
+
+
 @pytest.fixture(scope="module")
 def study(tiny_model, concept, tmp_path_factory):
     """One concept x 2 prompts x 2 images, rows stage_1 and stage_3; (argv, out, runner)."""
@@ -72,9 +93,20 @@ def test_study_trains_renders_scores_and_aggregates(study):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["variant"] for r in summary["rows"]] == ["stage_1", "stage_3"]
     assert all(r["n_concepts"] == 1 and r["n_images"] == 4 for r in summary["rows"])
-    for name in ("summary.md", "summary.csv", "report.md", "identity_vs_text.png"):
+    for row in summary["rows"]:  # one concept: its own numbers, with std 0 over concepts
+        v = row["variant"]
+        one = json.loads((out / f"concepts/sloth/{v}/metrics.json").read_text())
+        for m in ("clip_t", "clip_i", "dino"):
+            assert row[m] == pytest.approx(one["overall"][m], abs=1e-12) and row[f"{m}_std"] == 0
+            assert summary["per_concept"][v]["sloth"][m] == one["overall"][m]
+            for cls, got in summary["per_class"][v].items():
+                assert got[m] == pytest.approx(one["per_class"][cls][m], abs=1e-12)
+            for p in one["per_prompt"]:
+                assert summary["per_prompt"][v][p["template"]][m] == pytest.approx(p[m], abs=1e-12)
+    for name in ("summary.md", "summary.csv", "report.md"):
         assert (out / name).is_file(), name
-    assert (out / "per_prompt.png").stat().st_size > 0
+    _assert_picture(out / "identity_vs_text.png")
+    _assert_picture(out / "per_prompt.png")
     report = (out / "report.md").read_text()
     assert "concepts/sloth/stage_3/overview.png" in report and "identity_vs_text.png" in report
     idx = json.loads((out / "concepts/sloth/stage_1/samples/index.json").read_text())
@@ -110,6 +142,73 @@ def test_launched_processes_split_and_rank_0_aggregates(study, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert evaluate.main(argv, runner=_never) == 0
     assert (out / "summary.json").is_file()
+
+
+def test_a_failed_process_stops_the_waiting_one(study, tmp_path):
+    """Two launched processes; rank 0 refuses the protocol, rank 1 waits for it: both stop."""
+    argv, _, _ = study
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"format": 1, "protocol": {"seed": 99}}))
+    procs, t0 = [], time.monotonic()
+    try:
+        for rank in (0, 1):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+            cmd = [sys.executable, str(ROOT / "evaluate.py"), *_with_out(argv, out)]
+            procs.append(subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "1"},
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))  # fmt: skip
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a no-op once it has exited
+    seconds = time.monotonic() - t0
+    assert [p.returncode for p in procs] == [2, 2], errs
+    lines = [[ln for ln in e.splitlines() if ln.startswith("error:")] for e in errs]
+    assert len(lines[0]) == 1 and lines[0][0].startswith("error: --out:"), errs[0]
+    assert len(lines[1]) == 1 and "process 1/2 of the study failed (--out:" in lines[1][0]
+    assert "process 2/2 stops too" in lines[1][0]
+    marker = json.loads((out / "study.failed.json").read_text())
+    assert marker["rank"] == 0 and marker["error"].startswith("--out:")
+    assert seconds < 45, seconds
+
+
+def test_a_wait_without_progress_ends(study, tmp_path, monkeypatch, capsys):
+    """Rank 1 waits for a rank 0 that never writes study.json: one error after --wait_timeout."""
+    argv, _, _ = study
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = _with_out(argv, tmp_path / "out") + ["--wait_timeout", "0.3"]
+    t0 = time.monotonic()
+    line, _ = cli_error(lambda a: evaluate.main(a, runner=_never), capsys, argv)
+    assert line.startswith("error: --wait_timeout: waited 0.3 s for rank 0 to write ")
+    assert "study.json" in line and time.monotonic() - t0 < 10
+    assert json.loads((tmp_path / "out/study.failed.json").read_text())["rank"] == 1
+
+
+def test_an_earlier_launchs_failure_does_not_stop_a_relaunch(study):
+    """A marker left by an earlier launch: rank 1 polls past it, rank 0 removes it."""
+    argv, out, _ = study
+    (out / "study.json").unlink()  # rank 1 waits for rank 0 while the old marker is there
+    old = {"rank": 0, "world_size": 2, "error": "--out: an earlier launch", "attempt": None}
+    (out / "study.failed.json").write_text(json.dumps({**old, "time": time.time() - 3600}))
+    ns = evaluate.build_study_parser().parse_args(argv[1:])
+    results = {}
+
+    def launch(rank: int) -> None:
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}
+        try:
+            results[rank] = evaluate.run_study_cli(ns, _never, env)
+        except BaseException as e:  # reported by the assertion below
+            results[rank] = e
+
+    rank_1 = threading.Thread(target=launch, args=(1,))
+    rank_1.start()
+    time.sleep(1.2)  # rank 1 polls, and sees the old marker
+    launch(0)
+    rank_1.join(30)
+    assert results == {0: 0, 1: 0}
+    assert not (out / "study.failed.json").exists() and (out / "summary.json").is_file()
 
 
 def test_changed_protocol_is_refused(study, capsys):
@@ -199,7 +298,8 @@ def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     classes = {"background": 1}
     s = summarize({"stage_3": {"c": _result(0.3, 0.6, classes)}}, {"stage_3": "full"})
     assert set(plots.write_plots(s, tmp_path)) == {"identity_vs_text", "per_prompt"}
-    assert (tmp_path / "identity_vs_text.png").stat().st_size > 0
+    _assert_picture(tmp_path / "identity_vs_text.png")
+    _assert_picture(tmp_path / "per_prompt.png")
     monkeypatch.setattr(plots, "_pyplot", lambda: None)
     assert plots.write_plots(s, tmp_path / "none") == {}
     assert "plots skipped" in capsys.readouterr().out

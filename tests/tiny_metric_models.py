@@ -43,7 +43,8 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_dino(path: Path, seed: int = 1) -> Path:
-    """ViTModel (hidden 32, 2 layers, 32 px, patch 8) + ViTImageProcessor, as DINO is shipped."""
+    """ViTModel (hidden 32, 2 layers, 32 px, patch 8) + a ViTImageProcessor config, as DINO is
+    shipped on the Hub (the metrics ignore that config: docs/evaluation.md, Preprocessing)."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     if (path / "config.json").is_file():
