@@ -21,14 +21,14 @@ import sys
 from pathlib import Path
 
 from attn_utils.config import ConfigError
-from attn_utils.study_sync import DEFAULT_WAIT_S
+from attn_utils.evaluate.study_sync import DEFAULT_WAIT_S
 
 log = logging.getLogger("evaluate")
 
 
 def add_metric_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the metric models, shared by both commands."""
-    from attn_utils.metrics import DEFAULT_CLIP, DEFAULT_DINO
+    from attn_utils.evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
     g = p.add_argument_group("metric models")
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help=f"hub id or folder ({DEFAULT_CLIP})")
@@ -123,8 +123,8 @@ def _models_loader(ns: argparse.Namespace, local_rank: int = 0, world: int = 1):
 
     def load():
         if not cache:
-            from attn_utils.metrics import MetricModels
-            from inference import pick_device
+            from attn_utils.evaluate.metrics import MetricModels
+            from attn_utils.render.pipeline import pick_device
 
             name = ns.device
             if name == "auto" and world > 1:
@@ -153,7 +153,7 @@ def _check(ns: argparse.Namespace) -> None:
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    from attn_utils.scoring import embed_real, read_index, score_samples, write_metrics
+    from attn_utils.evaluate.scoring import embed_real, read_index, score_samples, write_metrics
 
     _check(ns)
     index, _ = read_index(ns.samples_dir)  # before loading any model
@@ -198,9 +198,9 @@ def _method_args(given: list[str], methods: list[str]) -> dict[str, list[str]]:
 
 
 def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) -> int:
-    from attn_utils import study
-    from attn_utils.metrics import PREPROCESSING
-    from attn_utils.render import read_prompt_file
+    from attn_utils.evaluate import study, study_plan
+    from attn_utils.evaluate.metrics import PREPROCESSING
+    from attn_utils.render.renderer import read_prompt_file
 
     _check(ns)
     if ns.num_images_per_prompt < 1:
@@ -209,12 +209,12 @@ def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) 
         raise ConfigError(f"--wait_timeout: must be > 0 seconds, got {ns.wait_timeout:g}")
     read_prompt_file(ns.prompts)
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-    plan = study.StudyPlan(
-        concepts=study.read_concepts(ns.concepts),
+    plan = study_plan.StudyPlan(
+        concepts=study_plan.read_concepts(ns.concepts),
         prompt_file=str(Path(ns.prompts).resolve()),
         out=Path(ns.out).resolve(),
         model=ns.pretrained_model_name_or_path,
-        variants=study.make_variants(methods, _stages(ns.stages)),
+        variants=study_plan.make_variants(methods, _stages(ns.stages)),
         train_args=shlex.split(ns.train_args),
         infer_args=shlex.split(ns.infer_args),
         method_args=_method_args(ns.method_args, methods),

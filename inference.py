@@ -15,15 +15,14 @@ import logging
 import secrets
 import sys
 
-from attn_utils.config import ConfigError, first_line
+from attn_utils.config import ConfigError
+from attn_utils.render.pipeline import DTYPES, pick_device
 
 # --infer_scheduler: our short names, and the authors' diffusers class names
 SCHEDULERS = {"dpm": "dpm", "dpmsolver": "dpm", "dpmsolvermultistepscheduler": "dpm"}
 SCHEDULERS |= {"ddim": "ddim", "ddimscheduler": "ddim", "euler": "euler"}
 SCHEDULERS |= {"eulerdiscretescheduler": "euler", "ddpm": "ddpm", "ddpmscheduler": "ddpm"}
 SCHEDULERS |= {"pndm": "pndm", "pndmscheduler": "pndm"}
-DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
-DTYPES |= {"bf16": "bf16", "bfloat16": "bf16"}
 
 log = logging.getLogger("inference")
 
@@ -141,39 +140,17 @@ def check_args(ns: argparse.Namespace) -> None:
         raise ConfigError("--save_dir: needed to render prompts")
 
 
-def pick_device(name: str, dtype: str):
-    """(torch device, torch dtype) from --device and --dtype."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise ConfigError(f"--device {name}: not usable here ({first_line(e)})") from None
-    dt = DTYPES[dtype.lower()]
-    if dt == "auto":
-        dt = "fp16" if device.type == "cuda" else "fp32"
-    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
-
-
 def run(ns: argparse.Namespace) -> int:
     check_args(ns)
-    from attn_utils.export import (
+    from attn_utils.models import library_versions
+    from attn_utils.render.export import (
         build_pipeline,
         check_export_dir,
         export_pipeline,
         load_concept,
         resolve_source,
     )
-    from attn_utils.models import library_versions
-    from attn_utils.render import Renderer, RenderOptions, make_jobs, read_prompt_file
+    from attn_utils.render.renderer import Renderer, RenderOptions, make_jobs, read_prompt_file
 
     templates = list(ns.prompt or []) + (read_prompt_file(ns.prompt_file) if ns.prompt_file else [])
     src = resolve_source(

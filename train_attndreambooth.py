@@ -12,9 +12,28 @@ import logging
 import os
 import sys
 
-from attn_utils.config import ConfigError, parse_args
+from attn_utils.argparsing import Parser
+from attn_utils.config import ConfigError, RunConfig, add_run_flags, add_stage_flags
+from attn_utils.train.methods import add_method_flags, config_from_args
+from attn_utils.train.speed_flags import add_speed_flags
 
 EXIT_DISK_FULL = 4  # 2: bad input, 3: non-finite loss, 128 + n: stopped by signal n
+
+
+def build_parser() -> Parser:
+    """Every flag, one group per concern, each group declared by the layer that reads it."""
+    p = Parser(description="AttnDreamBooth: embedding -> cross-attention -> U-Net, in one process.")
+    add_run_flags(p)  # base model, data, prompts, output (attn_utils/config.py)
+    add_method_flags(p)  # --method and prior preservation (attn_utils/train/methods.py)
+    add_speed_flags(p)  # precision, memory, kernels (attn_utils/train/speed_flags.py)
+    add_stage_flags(p)  # --ti_* / --attn_* / --unet_* (attn_utils/config.py)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, object]:
+    """(resolved config, parsed flags); a bad flag raises ConfigError or exits 2."""
+    ns = build_parser().parse_args(argv)
+    return config_from_args(ns), ns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from attn_utils.quiet import third_party_warnings_once
-    from attn_utils.runtime import TrainingStopped
-    from attn_utils.trainer import Trainer
+    from attn_utils.train.runtime import TrainingStopped
+    from attn_utils.train.trainer import Trainer
 
     third_party_warnings_once()  # after the imports: the libraries install their handlers then
 

@@ -1,4 +1,8 @@
-"""Run configuration: documented dataclasses, argv parsing and validation in one place."""
+"""Run configuration: documented dataclasses, the run's flag groups and their validation.
+
+The base of the library: it imports nothing of it. The recipes (--method) and the speed flags
+add their own groups; train_attndreambooth.py assembles the parser from all of them.
+"""
 
 from __future__ import annotations
 
@@ -142,6 +146,7 @@ class RunConfig:
     class_inference_steps: int = 50
     train_text_encoder: bool = False  # dreambooth: stage 3 trains the text encoder too
     text_encoder_learning_rate: float | None = None  # None: stage 3's learning rate
+    method_source: str = ""  # where the --method recipe comes from (set with the recipe)
 
     @property
     def placeholder_tokens(self) -> list[str]:
@@ -155,9 +160,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["placeholder_tokens"] = self.placeholder_tokens
-        from .methods import RECIPES  # methods.py imports this module
-
-        d["method_source"] = RECIPES[self.method].source
         return d
 
     @classmethod
@@ -178,7 +180,8 @@ class RunConfig:
         return {"stages": stages, **rest}
 
 
-def _stage_flags(p: argparse.ArgumentParser) -> None:
+def add_stage_flags(p: argparse.ArgumentParser) -> None:
+    """--<stage>_<setting> for each stage; unset ones take the --method recipe's values."""
     per_stage = [
         # (our suffix, authors' suffix, type, help)
         ("learning_rate", None, float, "learning rate"),
@@ -191,23 +194,28 @@ def _stage_flags(p: argparse.ArgumentParser) -> None:
         ("checkpointing_steps", "save_step", int, "resumable checkpoint every N steps"),
     ]
     for idx, prefix in STAGE_NAMES.items():
-        g = p.add_argument_group(f"stage {idx} ({STAGE_TITLES[idx]})")
+        paper = {**PAPER_STAGES[idx], "gradient_accumulation_steps": 1, "checkpointing_steps": 0}
+        g = p.add_argument_group(
+            f"stage {idx} ({STAGE_TITLES[idx]})",
+            "defaults are the --method recipe's; the paper's (attndreambooth) are shown, "
+            "--dry_run prints the resolved plan",
+        )
         for suffix, alias, typ, help_ in per_stage:
             names = [f"--{prefix}_{suffix}"] + ([f"--{prefix}_{alias}"] if alias else [])
-            g.add_argument(*names, dest=f"{prefix}_{suffix}", type=typ, default=None, help=help_)
+            g.add_argument(*names, dest=f"{prefix}_{suffix}", type=typ, default=None,
+                           help=f"{help_} (paper: {paper[suffix]})")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .speed_flags import add_speed_flags
-
-    p = argparse.ArgumentParser(
-        description="AttnDreamBooth: embedding -> cross-attention -> U-Net, in one process."
-    )
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--instance_data_dir", required=True)
-    p.add_argument("--category", default=None, help="super-category word, e.g. 'sloth'")
-    p.add_argument(
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the run itself: base model, data, prompts, output, optimiser, resume."""
+    g = p.add_argument_group("base model and data")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="a Hub id or a local diffusers folder")  # fmt: skip
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    g.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
+    g.add_argument("--instance_data_dir", required=True, help="the 3-20 photos of the concept")
+    g.add_argument("--category", default=None, help="super-category word, e.g. 'sloth'")
+    g.add_argument(
         "--initialize_token",
         "--initializer_token",
         nargs="+",
@@ -215,72 +223,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="word(s) whose embedding initialises [V] (default: --category; alone, it is the "
         "category too, as before)",
     )
-    p.add_argument("--output_dir", required=True)
-    p.add_argument(
-        "--placeholder_token", "--object_token", dest="placeholder_token", default="new_concept"
-    )
-    p.add_argument("--n_object_embedding", type=int, default=1)
-    p.add_argument(
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--repeats", type=int, default=100, help="each photo's copies per epoch")
+    g.add_argument("--skip_bad_images", action="store_true")
+    g.add_argument("--flip_p", type=float, default=0.25, help="horizontal-flip probability")
+    g = p.add_argument_group("the concept's token and prompts")
+    g.add_argument(
+        "--placeholder_token", "--object_token", dest="placeholder_token", default="new_concept",
+        help="learned tokens are <this>_v0 .. _v<n-1>",
+    )  # fmt: skip
+    g.add_argument("--n_object_embedding", type=int, default=1)
+    g.add_argument(
         "--instance_prompt",
         default=None,
         help="training prompt; {} becomes the placeholder tokens "
         "(default: 'a photo of a {} <category>')",
     )
-    p.add_argument("--validation_prompt", default=None, help="same convention as --instance_prompt")
-    p.add_argument(
+    g.add_argument(
         "--reg_category_target",
         choices=["first", "all"],
         default="first",
         help="regularisation target of a multi-token category: its first sub-token (the "
-        "original's, default) or the mean map of all its sub-tokens",
+        "original's) or the mean map of all its sub-tokens",
     )
-    p.add_argument("--num_validation_images", type=int, default=4)
-    p.add_argument("--validation_inference_steps", type=int, default=25)
-    p.add_argument("--stages", default=None, help="subset to run, e.g. '2,3' (default: all)")
-    p.add_argument("--fast", action="store_true", help="the paper's fast stage 3 (1e-5, 200, 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--center_crop", action="store_true")
-    p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--skip_bad_images", action="store_true")
-    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    p.add_argument(
+    g.add_argument("--validation_prompt", default=None, help="same convention as --instance_prompt")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument(
+        "--validate_before_training",
+        action="store_true",
+        help="also validate at step 0 of every stage (the authors always do)",
+    )
+    g = p.add_argument_group("stages and optimiser")
+    g.add_argument("--stages", default=None, help="subset to run, e.g. '2,3' (default: all)")
+    g.add_argument("--fast", action="store_true", help="the paper's fast stage 3 (1e-5, 200, 4)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument(
         "--max_grad_norm",
         type=float,
         default=None,
         help="clip gradients (the original effectively did not)",
     )
-    p.add_argument("--noise_offset", type=float, default=0.0)
-    p.add_argument(
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument(
         "--offset_noise", dest="noise_offset", action="store_const", const=0.1, help="the "
         "authors' switch: --noise_offset 0.1"
     )  # fmt: skip
-    p.add_argument("--flip_p", type=float, default=0.25, help="horizontal-flip probability")
-    p.add_argument(
-        "--validate_before_training",
-        action="store_true",
-        help="also validate at step 0 of every stage (the authors always do)",
-    )
-    add_speed_flags(p)
-    p.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
-    p.add_argument(
+    g = p.add_argument_group("output, checkpoints and logging")
+    g.add_argument("--output_dir", required=True, help="the run folder")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+    g.add_argument(
         "--checkpointing_steps",
         type=int,
         default=None,
         help="default for every stage's --<stage>_checkpointing_steps",
     )
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint dir or 'latest'")
-    p.add_argument("--local_files_only", action="store_true", help="never contact the Hub")
-    p.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit")
-    _stage_flags(p)
-    from .methods import add_method_flags
-
-    add_method_flags(p)
-    return p
+    g.add_argument("--checkpoints_total_limit", type=int, default=2)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint dir or 'latest'")
+    g.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit")
 
 
-def _parse_stages(text: str) -> list[int]:
+def parse_stages(text: str) -> list[int]:
     try:
         out = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
@@ -302,40 +307,8 @@ STAGE_KEYS = (
 )
 
 
-def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    """Resolve defaults (method preset, --fast, global flags, per-stage flags) and validate."""
-    from .methods import method_fields, stage_presets, validate_method
-
-    words = " ".join(ns.initialize_token or []).strip() or None
-    category = (ns.category or words or "").strip()
-    presets = stage_presets(ns.method, ns.fast)
-    stages = []
-    for idx, prefix in STAGE_NAMES.items():
-        given = {k: getattr(ns, f"{prefix}_{k}") for k in STAGE_KEYS}
-        given = {k: v for k, v in given.items() if v is not None}
-        if idx not in presets:
-            if given:
-                raise ConfigError(
-                    f"--{prefix}_{next(iter(given))}: --method {ns.method} has no stage {idx}"
-                )
-            continue
-        vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
-        stages.append(StageConfig(index=idx, **vals))
-    # Every other field is the flag of the same name.
-    same = {f.name for f in dataclasses.fields(RunConfig)} & set(vars(ns))
-    kw = {k: getattr(ns, k) for k in same}
-    kw.update(category=category, initializer_token=words, stages=stages)
-    kw["run_stages"] = _parse_stages(ns.stages) if ns.stages else sorted(presets)
-    cfg = RunConfig(**{**kw, **method_fields(ns, category, ns.output_dir)})
-    validate(cfg)
-    validate_method(cfg)
-    return cfg
-
-
 def validate(cfg: RunConfig) -> None:
-    """Every check that needs no model: one ConfigError naming the flag."""
-    from .speed_flags import validate_speed_flags
-
+    """Every check of the run's own flags that needs no model: one ConfigError naming the flag."""
     if not cfg.category:
         raise ConfigError("--category: must be a non-empty word, e.g. 'sloth'")
     missing = sorted(set(cfg.run_stages) - {s.index for s in cfg.stages})
@@ -355,7 +328,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--repeats: must be >= 1")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError("--checkpoints_total_limit: must be >= 1")
-    validate_speed_flags(cfg)
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError("--max_grad_norm: must be > 0")
     needs = {
@@ -381,11 +353,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--{p}_learning_rate: must be > 0")
         if s.reg_mean_weight < 0 or s.reg_var_weight < 0:
             raise ConfigError(f"--{p}_reg_mean_weight / --{p}_reg_var_weight: must be >= 0")
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
-    ns = build_parser().parse_args(argv)
-    return config_from_args(ns), ns
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

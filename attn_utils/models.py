@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import ConfigError, first_line
+from attn_utils.config import ConfigError, first_line
 
 
 @dataclass

@@ -4,7 +4,7 @@
     stage_1/learned_embeds.safetensors   {token: tensor[dim]}; stage_info.json
     stage_2/unet/, stage_3/unet/          diffusers layout; stage_info.json
     stage_3/text_encoder/                 only when --train_text_encoder (DreamBooth)
-    checkpoints/checkpoint-s<k>-<step>/   resumable state (attn_utils.checkpoint)
+    checkpoints/checkpoint-s<k>-<step>/   resumable state (attn_utils.train.checkpoint)
 
 A folder or file appears under its final name only once complete (written beside it, then
 renamed); embedding files are safetensors, and legacy pickles are read without running code.
@@ -29,11 +29,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, first_line
+from attn_utils.config import ConfigError, first_line
 
 RUN_CONFIG = "run_config.json"
 EMBEDS_FILE = "learned_embeds.safetensors"
 STAGE_INFO = "stage_info.json"
+TEXT_ENCODER_DIR = "text_encoder"  # beside unet/ in a stage folder; the pipeline's subfolder
+TEXT_ENCODER_WEIGHTS = "model.safetensors"
 
 
 # ---------------------------------------------------------------- layout
@@ -278,3 +280,26 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+# ---------------------------------------------------------------- a trained text encoder
+
+
+def save_text_encoder(stage_folder: Path, text_encoder) -> None:
+    """Write <stage_folder>/text_encoder/ in transformers layout (config + one safetensors)."""
+    # One file whatever the size (SD2.1's is 1.4 GB): load_text_encoder reads just that.
+    text_encoder.save_pretrained(str(Path(stage_folder) / TEXT_ENCODER_DIR), max_shard_size="100GB")
+
+
+def trained_text_encoder(folder: str | Path) -> str | None:
+    """<folder>/text_encoder when it holds a saved text encoder, else None."""
+    d = Path(folder) / TEXT_ENCODER_DIR
+    return (
+        str(d) if (d / "config.json").is_file() and (d / TEXT_ENCODER_WEIGHTS).is_file() else None
+    )
+
+
+def load_text_encoder(folder: str | Path, text_encoder) -> None:
+    """Copy a saved text encoder's weights into a resident one of the same shape."""
+    weights = Path(folder) / TEXT_ENCODER_WEIGHTS
+    load_weights_into(text_encoder, weights, "text encoder", "the trained text encoder")

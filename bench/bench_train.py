@@ -123,7 +123,7 @@ def run_variant(job: dict) -> dict:
         import numpy as np
         from PIL import Image
 
-        from attn_utils.latents import LatentPool
+        from attn_utils.train.latents import LatentPool
 
         res = job["resolution"]
         rgb = np.random.default_rng(0).integers(0, 255, (len(pixels), res, res, 3), np.uint8)
@@ -160,7 +160,7 @@ def run_validation(job: dict) -> dict:
     """Child: a pipeline around the resident modules vs a full reload from disk."""
     from diffusers import StableDiffusionPipeline
 
-    from attn_utils.pipeline import make_pipeline
+    from attn_utils.render.pipeline import make_pipeline
     from bench.sd21_configs import bench_tokenizer, build_models
 
     device = torch.device(job["device"])

@@ -78,7 +78,7 @@ def original_attention(unet, controller):
     """
     from diffusers.models.attention_processor import AttnProcessor
 
-    from attn_utils.capture import capture_cross_attention
+    from attn_utils.method.capture import capture_cross_attention
 
     previous = dict(unet.attn_processors)
     unet.set_attn_processor({k: AttnProcessor() for k in previous})
@@ -97,10 +97,10 @@ class StageRun:
     """
 
     def __init__(self, m, stage: int, mode: str, v: Variant, pixels, pool=None) -> None:
-        from attn_utils.capture import TokenStats
         from attn_utils.config import PAPER_STAGES, RunConfig, StageConfig
-        from attn_utils.runtime import build_optimizer
-        from attn_utils.stages import select_trainable
+        from attn_utils.method.capture import TokenStats
+        from attn_utils.train.runtime import build_optimizer
+        from attn_utils.train.stages import select_trainable
 
         self.m, self.stage, self.mode, self.v = m, stage, mode, v
         self.pixels, self.pool = pixels, pool  # (B, 3, R, R) in [-1, 1]; LatentPool or None
@@ -145,7 +145,7 @@ class StageRun:
         return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
 
     def __enter__(self) -> StageRun:
-        from attn_utils.capture import capture_cross_attention
+        from attn_utils.method.capture import capture_cross_attention
 
         self._ctx = contextlib.ExitStack()
         if self.mode == "ours":
@@ -155,7 +155,7 @@ class StageRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        from attn_utils.stages import finish_trainable
+        from attn_utils.train.stages import finish_trainable
 
         self._ctx.close()
         if self.params is not None:
@@ -174,7 +174,7 @@ class StageRun:
         return self.m.text_encoder(ids)[0]
 
     def losses(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        from attn_utils.step import denoise_losses, encode_latents
+        from attn_utils.method.step import denoise_losses, encode_latents
 
         if self.pool is not None:
             idx = torch.arange(len(self.pixels), device=self.device) % len(self.pool)
@@ -196,7 +196,7 @@ class StageRun:
             loss = mse + reg
         self.scaler.scale(loss).backward()
         if self.mode == "ours":  # the trainer's update: finiteness flag, skipped on the device
-            from attn_utils.runtime import optimizer_step
+            from attn_utils.train.runtime import optimizer_step
 
             optimizer_step(self.optimizer, self.scaler, self.plist, None)
         else:
@@ -211,7 +211,7 @@ class StageRun:
 
 
 def place(m, v: Variant, device: torch.device) -> None:
-    """What attn_utils.placement.place_models does for these features."""
+    """What attn_utils.train.placement.place_models does for these features."""
     if v.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

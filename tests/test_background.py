@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from attn_utils.background import BackgroundWriter, HostSnapshot, finish_writes
-from attn_utils.meter import StepMeter
+from attn_utils.train.background import BackgroundWriter, HostSnapshot, finish_writes
+from attn_utils.train.meter import StepMeter
 
 
 def test_meter_means_and_the_first_bad_step():
@@ -73,7 +73,7 @@ def test_a_slow_write_never_sees_the_next_steps_tensors(monkeypatch, tmp_path, r
     `reuse` sends the CPU tensors through the reused (pinned on CUDA) buffers, the path
     where checkpoint N+1's copies used to land in the buffers checkpoint N was writing.
     """
-    import attn_utils.checkpoint as ck
+    import attn_utils.train.checkpoint as ck
 
     real_save, gate = ck.save_file, threading.Event()
 
@@ -115,7 +115,7 @@ def test_snapshot_buffers_are_not_reused_before_release():
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["plain", "clipped"])
 def test_fused_adamw_skips_a_non_finite_step_without_touching_its_state(bad, clip):
     """optimizer_step's device-side skip: parameters, both moments and the step count stay."""
-    from attn_utils.runtime import optimizer_step, skips_on_device
+    from attn_utils.train.runtime import optimizer_step, skips_on_device
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]

@@ -18,15 +18,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import inference
 import train_attndreambooth
-from attn_utils import tokens
-from attn_utils import trainer as trainer_module
-from attn_utils.background import HostSnapshot
-from attn_utils.trainer import Trainer
+from attn_utils.method import tokens
+from attn_utils.train import trainer as trainer_module
+from attn_utils.train.background import HostSnapshot
+from attn_utils.train.trainer import Trainer
 from bench.modes import StageRun, Variant, place
 from bench.sd21_configs import build_models
 
 
-def _in_project(code: str, name: str = "attn_utils/tokens.py", **env):
+def _in_project(code: str, name: str = "attn_utils/method/tokens.py", **env):
     """Run `code` as if it stood in a project file; return its `out`."""
     scope = {"torch": torch, **env}
     exec(compile(code, str(ROOT / name), "exec"), scope)
@@ -52,7 +52,7 @@ def test_the_emulation_sees_generators_and_numpy_arrays_without_a_device():
         _in_project("out = torch.Generator(device=torch.device('cpu'))")
         assert _in_project("out = torch.from_numpy(a)", a=a).device.type == "meta"
         host = "def augment():\n    return torch.from_numpy(a)\nout = augment()"
-        assert _in_project(host, "attn_utils/data.py", a=a).device.type == "cpu"  # HOST_SIDE
+        assert _in_project(host, "attn_utils/train/data.py", a=a).device.type == "cpu"  # HOST_SIDE
         assert torch.from_numpy(a).device.type == "cpu" and torch.Generator() is not None
     assert [r.rsplit(" ", 1)[1] for r in mode.redirected] == ["Generator", "from_numpy"]
     assert torch.Generator is not type(mode) and isinstance(torch.Generator(), torch.Generator)

@@ -15,10 +15,10 @@ from PIL import Image
 from tiny_metric_models import build_tiny_clip, build_tiny_dino
 
 import evaluate
-from attn_utils import metrics as metrics_mod
-from attn_utils.metrics import MetricModels, clip_t_text
-from attn_utils.render import read_prompt_file
-from attn_utils.scoring import embed_real, prompt_class, score_samples
+from attn_utils.evaluate import metrics as metrics_mod
+from attn_utils.evaluate.metrics import MetricModels, clip_t_text
+from attn_utils.evaluate.scoring import embed_real, prompt_class, score_samples
+from attn_utils.render.renderer import read_prompt_file
 
 # Texts of different lengths: CLIP-T's batched text embedding pads the short one.
 PROMPTS = {

@@ -19,16 +19,10 @@ from tiny_metric_models import build_tiny_clip, build_tiny_dino
 import evaluate
 import inference
 import train_attndreambooth
-from attn_utils import plots
-from attn_utils.study import (
-    child_env,
-    dist_info,
-    make_variants,
-    method_train_args,
-    read_concepts,
-    shard,
-)
-from attn_utils.summary import summarize
+from attn_utils.evaluate import plots
+from attn_utils.evaluate.study import child_env, dist_info, shard
+from attn_utils.evaluate.study_plan import make_variants, method_train_args, read_concepts
+from attn_utils.evaluate.summary import summarize
 
 ONE_STEP = "--ti_train_steps 1 --attn_train_steps 1 --unet_train_steps 1 "
 ONE_STEP += "--ti_batch_size 1 --attn_batch_size 1 --unet_batch_size 1 --resolution 128"

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import inference
 import train_attndreambooth
-from attn_utils.export import _natural_order
-from attn_utils.heatmaps import HeatmapController, layer_grid, token_columns
-from attn_utils.render import (
+from attn_utils.render.export import _natural_order
+from attn_utils.render.heatmaps import HeatmapController, layer_grid, token_columns
+from attn_utils.render.renderer import (
     MAX_SLUG,
     Renderer,
     batch_spans,

@@ -5,8 +5,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
-from attn_utils.capture import TokenStats, capture_cross_attention, cross_attention_layers
-from attn_utils.losses import attention_reg_loss
+from attn_utils.method.capture import TokenStats, capture_cross_attention, cross_attention_layers
+from attn_utils.method.losses import attention_reg_loss
 
 
 def tiny_unet(seed=0):

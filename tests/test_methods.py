@@ -16,12 +16,12 @@ from test_math import KeepProbs, slow_reg, tiny_unet
 
 import inference
 import train_attndreambooth
-from attn_utils.capture import TokenStats, capture_cross_attention, capture_if
 from attn_utils.config import ConfigError
-from attn_utils.prior import class_image_files, generate_class_images
-from attn_utils.step import denoise_losses
-from attn_utils.templates import TI_OBJECT_TEMPLATES
+from attn_utils.method.capture import TokenStats, capture_cross_attention, capture_if
+from attn_utils.method.step import denoise_losses
+from attn_utils.method.templates import TI_OBJECT_TEMPLATES
 from attn_utils.tiny import TINY_CATEGORY, TINY_RESOLUTION
+from attn_utils.train.prior import class_image_files, generate_class_images
 
 BASE = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--output_dir", "o"]
 
@@ -146,7 +146,7 @@ def test_prior_losses_match_separate_instance_and_class_forwards():
 
     from diffusers import AutoencoderKL
 
-    from attn_utils.prior import prior_losses
+    from attn_utils.train.prior import prior_losses
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
@@ -333,9 +333,9 @@ def test_inference_renders_every_method(runs, method, tmp_path):
 def test_dreambooth_adds_no_token_and_ti_draws_a_template_per_sample(tiny_model):
     from types import SimpleNamespace
 
-    from attn_utils.config import parse_args
-    from attn_utils.methods import concept_token_ids, prompt_ids, training_prompts
     from attn_utils.models import load_base_model
+    from attn_utils.train.methods import concept_token_ids, prompt_ids, training_prompts
+    from train_attndreambooth import parse_args
 
     m = load_base_model(str(tiny_model))
     rows = m.text_encoder.get_input_embeddings().weight.shape[0]

@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_utils.capture import TokenStats, capture_cross_attention
 from attn_utils.config import PAPER_STAGES
+from attn_utils.method.capture import TokenStats, capture_cross_attention
+from attn_utils.method.step import denoise_losses, encode_latents
+from attn_utils.method.tokens import add_placeholder_tokens, fill_prompt, prompt_positions
 from attn_utils.models import load_base_model
-from attn_utils.stages import finish_trainable, select_trainable
-from attn_utils.step import denoise_losses, encode_latents
 from attn_utils.tiny import TINY_CATEGORY, TINY_RESOLUTION
-from attn_utils.tokens import add_placeholder_tokens, fill_prompt, prompt_positions
+from attn_utils.train.stages import finish_trainable, select_trainable
 
 B = 2
 TOKENS = ["new_concept_v0"]

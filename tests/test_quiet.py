@@ -30,7 +30,7 @@ def test_a_repeated_library_warning_is_shown_once_and_ours_always():
         for _ in range(3):  # what each VAE dtype change around a validation printed
             child.warning(fp32)
         child.warning(other)
-        ours = logging.getLogger("attn_utils.render")
+        ours = logging.getLogger("attn_utils.render.renderer")
         seen = logging.handlers.BufferingHandler(10)
         ours.addHandler(seen)
         for _ in range(2):

@@ -20,7 +20,7 @@ RANK_SCRIPT = textwrap.dedent(
     os.dup2(os.open(f"{out}/rank{rank}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     sys.path.insert(0, os.environ["ADB_ROOT"])
     import train_attndreambooth
-    from attn_utils.trainer import Trainer
+    from attn_utils.train.trainer import Trainer
 
     real, calls = Trainer._losses, [0]
 

@@ -20,7 +20,8 @@ from PIL import Image, ImageFile
 from safetensors.torch import load_file
 
 from attn_utils.config import ConfigError
-from attn_utils.data import augment, data_fingerprint, load_image, load_instance_images
+from attn_utils.images import data_fingerprint, load_image, load_instance_images
+from attn_utils.train.data import augment
 
 RES = 128
 
@@ -147,7 +148,7 @@ def test_unusable_files_are_listed_one_per_line_or_skipped(tmp_path, monkeypatch
     assert reasons["notes.txt"].startswith("not an image file")
     assert reasons["fake.jpg"].startswith("not an image")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global is left as it was
-    with caplog.at_level(logging.WARNING, logger="attn_utils.data"):  # --skip_bad_images
+    with caplog.at_level(logging.WARNING, logger="attn_utils.images"):  # --skip_bad_images
         images, paths = load_instance_images(folder, RES, skip_bad=True)
     assert [p.name for p in paths] == ["good.jpg"] and len(images) == 1
     assert sum("skipping" in r.getMessage() for r in caplog.records) == len(bad)
@@ -172,7 +173,7 @@ def test_missing_empty_and_all_bad_folders(tmp_path):
 def test_small_image_is_used_with_a_warning(tmp_path, caplog):
     (tmp_path / "d").mkdir()
     _save(Image.new("RGB", (40, 30), "red"), tmp_path / "d" / "tiny.png")
-    with caplog.at_level(logging.WARNING, logger="attn_utils.data"):
+    with caplog.at_level(logging.WARNING, logger="attn_utils.images"):
         images, _ = load_instance_images(tmp_path / "d", RES)
     assert any("smaller than --resolution 128" in r.getMessage() for r in caplog.records)
     for seed in range(4):
@@ -249,7 +250,7 @@ def test_multi_token_category_trains_and_targets_its_first_sub_token(
 ):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from attn_utils.tokens import (
+    from attn_utils.method.tokens import (
         add_placeholder_tokens,
         fill_prompt,
         prompt_positions,

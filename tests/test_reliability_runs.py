@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import attn_utils.checkpoint as ck
 import attn_utils.runfiles as rf
+import attn_utils.train.checkpoint as ck
 import train_attndreambooth
-from attn_utils.trainer import Trainer
+from attn_utils.train.trainer import Trainer
 
 STAGE_FLAG = {1: "ti", 2: "attn", 3: "unet"}
 UNET = "unet/diffusion_pytorch_model.safetensors"

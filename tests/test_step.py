@@ -11,9 +11,9 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from test_math import tiny_unet
 
-from attn_utils.capture import TokenStats, capture_cross_attention
-from attn_utils.data import augment
-from attn_utils.step import denoise_losses
+from attn_utils.method.capture import TokenStats, capture_cross_attention
+from attn_utils.method.step import denoise_losses
+from attn_utils.train.data import augment
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -15,17 +15,17 @@ from conftest import ROOT, cli_error
 from device_emulation import ForeignDefaultDevice
 from safetensors.torch import load_file
 
-import attn_utils.checkpoint as ck
-import attn_utils.export
+import attn_utils.render.export
+import attn_utils.train.checkpoint as ck
 import inference
 import train_attndreambooth
-from attn_utils.config import parse_args
 from attn_utils.models import load_base_model
-from attn_utils.runtime import build_optimizer, stage_fingerprint
-from attn_utils.stages import finish_trainable, load_stage_result, select_trainable
-from attn_utils.text_training import PREFIX, unfreeze_text_encoder
 from attn_utils.tiny import TINY_CATEGORY, TINY_RESOLUTION
-from attn_utils.trainer import Trainer
+from attn_utils.train.runtime import build_optimizer, stage_fingerprint
+from attn_utils.train.stages import finish_trainable, load_stage_result, select_trainable
+from attn_utils.train.text_training import PREFIX, unfreeze_text_encoder
+from attn_utils.train.trainer import Trainer
+from train_attndreambooth import parse_args
 
 BASE = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--output_dir", "o"]
 BASE += ["--category", "sloth"]
@@ -199,8 +199,9 @@ def test_a_completed_stage_reloads_it(te_runs, tiny_model, capsys):
 
 def test_inference_and_export_use_it(te_runs, tiny_model, tmp_path, monkeypatch):
     loaded = []
-    real = attn_utils.export.load_concept
-    monkeypatch.setattr(attn_utils.export, "load_concept", lambda src: loaded.append(real(src))
+    export_mod = attn_utils.render.export
+    real = export_mod.load_concept
+    monkeypatch.setattr(export_mod, "load_concept", lambda src: loaded.append(real(src))
                         or loaded[-1])  # fmt: skip
     save, export = tmp_path / "out", tmp_path / "pipe"
     argv = ["--run_dir", te_runs["ref"], "--prompt", "a photo of {}", "--save_dir", save,

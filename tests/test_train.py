@@ -13,7 +13,7 @@ from conftest import ROOT, train_argv
 from safetensors.torch import load_file
 
 import train_attndreambooth
-from attn_utils.config import parse_args
+from train_attndreambooth import parse_args
 
 
 def _plan(capsys, *argv):
@@ -188,7 +188,7 @@ def test_each_stage_trained_exactly_its_parameters(run, tiny_model):
 
 
 def test_placeholder_embedding_leaves_other_rows_bitwise_unchanged():
-    from attn_utils.tokens import PlaceholderEmbedding
+    from attn_utils.method.tokens import PlaceholderEmbedding
 
     torch.manual_seed(0)
     base = torch.nn.Embedding(50, 8)
@@ -208,9 +208,9 @@ def test_placeholder_embedding_leaves_other_rows_bitwise_unchanged():
 
 
 def test_select_trainable_sets(tiny_model):
+    from attn_utils.method.tokens import add_placeholder_tokens
     from attn_utils.models import load_base_model
-    from attn_utils.stages import finish_trainable, select_trainable
-    from attn_utils.tokens import add_placeholder_tokens
+    from attn_utils.train.stages import finish_trainable, select_trainable
 
     m = load_base_model(str(tiny_model))
     ids = add_placeholder_tokens(m.tokenizer, m.text_encoder, ["sks_v0"], "sloth")

@@ -14,9 +14,9 @@ import torch
 from conftest import cli_error, train_argv
 from safetensors.torch import save_file
 
-from attn_utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from attn_utils.config import ConfigError
 from attn_utils.runfiles import load_embeddings
+from attn_utils.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import ConfigError, first_line
-from .models import _load_kwargs, hub_reachable
+from attn_utils.config import ConfigError, first_line
+from attn_utils.models import _load_kwargs, hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, if a config na
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # PIL's filters by the number a transformers processor config stores as "resample".
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-BACKEND = f"PIL {PIL.__version__} resize and crop, numpy normalisation (attn_utils.metrics)"
+BACKEND = (
+    f"PIL {PIL.__version__} resize and crop, numpy normalisation (attn_utils.evaluate.metrics)"
+)
 # A study's protocol names it: numbers from another preprocessing must not be mixed in.
 PREPROCESSING = "shortest side resized, centre crop (PIL); DINO 256/224 bicubic, ImageNet"
 

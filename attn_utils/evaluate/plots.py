@@ -6,8 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from .runfiles import write_text_atomically
-from .scoring import METRICS, TITLES
+from attn_utils.evaluate.scoring import METRICS, TITLES
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +94,3 @@ def write_plots(summary: dict, out: Path, identity: str = "dino") -> dict[str, s
     identity_vs_text(plt, summary, out / "identity_vs_text.png", identity)
     per_prompt_bars(plt, summary, out / "per_prompt.png")
     return {"identity_vs_text": "identity_vs_text.png", "per_prompt": "per_prompt.png"}
-
-
-def write_report(summary: dict, plan, results: dict, plots: dict[str, str]) -> Path:
-    """report.md: the tables, the plots, and each concept's overview next to its numbers."""
-    from .summary import summary_md
-
-    lines = [summary_md(summary, f"Study report: {plan.out.name}")]
-    if plots:
-        lines += [f"![{name}]({file})\n" for name, file in plots.items()]
-    else:
-        lines.append(f"_{SKIPPED}._\n")
-    lines.append("## Concepts\n")
-    head = "| variant | " + " | ".join(TITLES[m] for m in METRICS) + " |"
-    for c in plan.concepts:
-        lines += [f"### {c.name} ({c.category})", "", head, "|---|" + "---|" * len(METRICS)]
-        for v in plan.variants:
-            o = results[v.name][c.name]["overall"]
-            lines.append(f"| {v.label} | " + " | ".join(f"{o[m]:.4f}" for m in METRICS) + " |")
-        lines.append("")
-        for v in plan.variants:
-            rel = f"concepts/{c.name}/{v.name}/overview.png"
-            lines.append(f"{v.label}: first image of each prompt\n\n![{c.name} {v.name}]({rel})\n")
-    path = plan.out / "report.md"
-    write_text_atomically(path, "\n".join(lines))
-    return path

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError
-from .data import load_image, load_instance_images, shown
-from .metrics import MetricModels, clip_t_scores, clip_t_text, pairwise_mean
-from .runfiles import write_text_atomically
+from attn_utils.config import ConfigError
+from attn_utils.evaluate.metrics import MetricModels, clip_t_scores, clip_t_text, pairwise_mean
+from attn_utils.images import load_image, load_instance_images, shown
+from attn_utils.runfiles import write_text_atomically
 
 METRICS = ("clip_t", "clip_i", "dino")
 TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}

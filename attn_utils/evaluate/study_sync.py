@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, first_line
-from .data import shown
-from .runfiles import write_json_atomically
+from attn_utils.config import ConfigError, first_line
+from attn_utils.images import shown
+from attn_utils.runfiles import write_json_atomically
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .runfiles import write_text_atomically
-from .scoring import METRICS, PROMPT_CLASSES, TITLES, mean_std
+from attn_utils.evaluate.plots import SKIPPED, write_plots
+from attn_utils.evaluate.scoring import METRICS, PROMPT_CLASSES, TITLES, mean_std
+from attn_utils.evaluate.study_plan import metrics_path
+from attn_utils.runfiles import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,31 @@ def summary_csv(summary: dict) -> str:
     return buf.getvalue()
 
 
+def write_report(summary: dict, plan, results: dict, plots: dict[str, str]) -> Path:
+    """report.md: the tables, the plots, and each concept's overview next to its numbers."""
+    lines = [summary_md(summary, f"Study report: {plan.out.name}")]
+    if plots:
+        lines += [f"![{name}]({file})\n" for name, file in plots.items()]
+    else:
+        lines.append(f"_{SKIPPED}._\n")
+    lines.append("## Concepts\n")
+    head = "| variant | " + " | ".join(TITLES[m] for m in METRICS) + " |"
+    for c in plan.concepts:
+        lines += [f"### {c.name} ({c.category})", "", head, "|---|" + "---|" * len(METRICS)]
+        for v in plan.variants:
+            o = results[v.name][c.name]["overall"]
+            lines.append(f"| {v.label} | " + " | ".join(f"{o[m]:.4f}" for m in METRICS) + " |")
+        lines.append("")
+        for v in plan.variants:
+            rel = f"concepts/{c.name}/{v.name}/overview.png"
+            lines.append(f"{v.label}: first image of each prompt\n\n![{c.name} {v.name}]({rel})\n")
+    path = plan.out / "report.md"
+    write_text_atomically(path, "\n".join(lines))
+    return path
+
+
 def write_summary(plan) -> Path:
     """Collect every metrics.json of the plan; write summary.*, the plots and report.md."""
-    from .plots import write_plots, write_report
-    from .study import metrics_path
-
     results = {
         v.name: {c.name: json.loads(metrics_path(plan, c, v).read_text()) for c in plan.concepts}
         for v in plan.variants

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .capture import TokenStats
-from .losses import attention_reg_loss, denoising_loss
+from attn_utils.method.capture import TokenStats
+from attn_utils.method.losses import attention_reg_loss, denoising_loss
 
 
 @torch.no_grad()

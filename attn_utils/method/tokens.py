@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ConfigError
+from attn_utils.config import ConfigError
 
 
 def fill_prompt(template: str, tokens: list[str], category: str | None = None) -> str:

@@ -17,11 +17,18 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_run_config
-from .models import check_model_source, load_base_model
-from .pipeline import make_pipeline
-from .runfiles import EMBEDS_FILE, load_embeddings, stage_dir, stage_info, write_dir_atomically
-from .text_training import load_text_encoder, trained_text_encoder
+from attn_utils.config import ConfigError, load_run_config
+from attn_utils.models import check_model_source, load_base_model
+from attn_utils.render.pipeline import make_pipeline
+from attn_utils.runfiles import (
+    EMBEDS_FILE,
+    load_embeddings,
+    load_text_encoder,
+    stage_dir,
+    stage_info,
+    trained_text_encoder,
+    write_dir_atomically,
+)
 
 log = logging.getLogger(__name__)
 

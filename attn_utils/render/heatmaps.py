@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
 
-from .capture import Controller
-from .tokens import category_token_ids
+from attn_utils.method.capture import Controller
+from attn_utils.method.tokens import category_token_ids
 
 
 def token_columns(

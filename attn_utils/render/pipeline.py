@@ -1,15 +1,14 @@
-"""Build inference pipelines from resident modules, and render validation grids."""
+"""Inference pipelines from modules already in memory, and the device to run them on."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-
 import torch
 
-from .runfiles import image_grid
-from .tokens import fill_prompt
+from attn_utils.config import ConfigError, first_line
+
+# --dtype spellings, each to one of auto | fp32 | fp16 | bf16
+DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
+DTYPES |= {"bf16": "bf16", "bfloat16": "bf16"}
 
 
 def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, scheduler: str = "dpm"):
@@ -44,71 +43,22 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
     return pipe
 
 
-@torch.no_grad()
-def encode_validation_prompt(trainer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt, negative) embeddings (1, 77, D) of the validation prompt, for sampling later
-    without the text encoder on the device."""
-    pipe = make_pipeline(
-        trainer.tokenizer,
-        trainer.text_encoder,
-        trainer.vae,
-        trainer.unet,
-        trainer.noise_scheduler.config,
-    )
-    prompt = fill_prompt(trainer.cfg.validation_prompt, trainer.cfg.placeholder_tokens)
-    return pipe.encode_prompt(prompt, trainer.device, 1, True)
+def pick_device(name: str, dtype: str):
+    """(torch device, torch dtype) from --device and --dtype."""
 
-
-@contextlib.contextmanager
-def sampling_mode(trainer) -> Iterator[None]:
-    """U-Net in eval mode, VAE in fp32 (half-precision decodes can overflow), the run's
-    autocast, no gradients; the training state comes back on exit."""
-    unet, vae = trainer.unet, trainer.vae
-    was_training, vae_dtype = unet.training, vae.dtype
-    unet.eval()
-    if vae_dtype != torch.float32:
-        vae.to(torch.float32)
-    try:
-        with torch.no_grad(), trainer._autocast():
-            yield
-    finally:
-        if vae_dtype != torch.float32:
-            vae.to(vae_dtype)
-        unet.train(was_training)
-
-
-def render_validation(trainer, out: Path) -> Path:
-    """Sample the validation prompt with the resident modules; write a PNG grid atomically.
-
-    All images in one batched call; with trainer.validation_embeds set (stages 2-3) the
-    text encoder is not used, so it may rest on the CPU.
-    """
-    cfg, embeds, n = trainer.cfg, trainer.validation_embeds, trainer.cfg.num_validation_images
-    with sampling_mode(trainer):
-        pipe = make_pipeline(
-            trainer.tokenizer,
-            trainer.text_encoder if embeds is None else None,
-            trainer.vae,
-            trainer.unet,
-            trainer.noise_scheduler.config,
-        )
-        gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
-        if embeds is None:
-            text = {"prompt": [fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)] * n}
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
         else:
-            text = {
-                "prompt_embeds": embeds[0].expand(n, -1, -1),
-                "negative_prompt_embeds": embeds[1].expand(n, -1, -1),
-            }
-        images = pipe(
-            **text,
-            generator=gen,
-            num_inference_steps=cfg.validation_inference_steps,
-            height=cfg.resolution,
-            width=cfg.resolution,
-        ).images
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    image_grid(images).save(tmp, format="PNG")
-    tmp.replace(out)
-    return out
+            name = "cpu"
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"--device {name}: not usable here ({first_line(e)})") from None
+    dt = DTYPES[dtype.lower()]
+    if dt == "auto":
+        dt = "fp16" if device.type == "cuda" else "fp32"
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]

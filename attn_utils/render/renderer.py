@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .capture import capture_cross_attention
-from .config import ConfigError
-from .heatmaps import HeatmapController, save_attention, token_columns
-from .runfiles import image_grid, write_dir_atomically, write_json_atomically
+from attn_utils.config import ConfigError
+from attn_utils.method.capture import capture_cross_attention
+from attn_utils.render.heatmaps import HeatmapController, save_attention, token_columns
+from attn_utils.runfiles import image_grid, write_dir_atomically, write_json_atomically
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .background import BackgroundWriter, HostSnapshot
-from .config import ConfigError, first_line
-from .runfiles import remove_dir, write_dir_atomically
+from attn_utils.config import ConfigError, first_line
+from attn_utils.runfiles import remove_dir, write_dir_atomically
+from attn_utils.train.background import BackgroundWriter, HostSnapshot
 
 CKPT_RE = re.compile(r"^checkpoint-s([123])-(\d+)$")
 CKPT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")

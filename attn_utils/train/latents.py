@@ -12,7 +12,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from .data import _seed, augment
+from attn_utils.train.data import _seed, augment
 
 
 class LatentPool:

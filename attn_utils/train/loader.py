@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from .config import StageConfig
-from .data import InstanceDataset, StepBatches
-from .latents import LatentPool, PoolIndices
-from .placement import loader_workers
-from .prior import with_class_images
+from attn_utils.config import StageConfig
+from attn_utils.train.data import InstanceDataset, StepBatches
+from attn_utils.train.latents import LatentPool, PoolIndices
+from attn_utils.train.placement import loader_workers
+from attn_utils.train.prior import with_class_images
 
 
 def stage_loader(trainer, sc: StageConfig, start: int) -> DataLoader:

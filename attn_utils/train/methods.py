@@ -12,14 +12,26 @@ docs/methods.md lists each recipe's source, its numbers and where ours differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import FAST_STAGE_3, PAPER_STAGES, ConfigError, RunConfig
-from .templates import TI_OBJECT_TEMPLATES
-from .text_training import (
+from attn_utils.config import (
+    FAST_STAGE_3,
+    PAPER_STAGES,
+    STAGE_KEYS,
+    STAGE_NAMES,
+    ConfigError,
+    RunConfig,
+    StageConfig,
+    parse_stages,
+    validate,
+)
+from attn_utils.method.templates import TI_OBJECT_TEMPLATES
+from attn_utils.train.speed_flags import validate_speed_flags
+from attn_utils.train.text_training import (
     add_text_encoder_flags,
     check_text_encoder_flags,
     text_encoder_identity,
@@ -203,7 +215,7 @@ def recipe_identity(cfg: RunConfig) -> dict:
 def concept_token_ids(cfg: RunConfig, tokenizer, text_encoder) -> list[int]:
     """Ids of what '{}' becomes: new placeholder rows, or (dreambooth) the rare word's
     existing sub-tokens, for which nothing is added to the tokenizer or the table."""
-    from .tokens import add_placeholder_tokens, category_token_ids
+    from attn_utils.method.tokens import add_placeholder_tokens, category_token_ids
 
     if cfg.identifier is not None:
         ids = category_token_ids(tokenizer, cfg.identifier)
@@ -217,7 +229,7 @@ def concept_token_ids(cfg: RunConfig, tokenizer, text_encoder) -> list[int]:
 def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int]):
     """(input_ids (P, 77), regularisation columns (P, K)) of the P training prompts:
     the instance prompt (P = 1) or the Textual Inversion templates."""
-    from .tokens import fill_prompt, regularisation_columns
+    from attn_utils.method.tokens import fill_prompt, regularisation_columns
 
     rows = [
         regularisation_columns(
@@ -248,3 +260,34 @@ def prompt_ids(trainer, k: int, micro: int, stats) -> torch.Tensor:
     pick = [_pick(trainer.cfg.seed, k, g, ids.shape[0]) for g in range(first, first + b)]
     stats.columns = trainer.columns[pick]  # (B, K)
     return ids[pick]  # (B, 77)
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """The RunConfig of parsed flags: the --method recipe's stages, --fast, then the global and
+    per-stage flags over them; validated (one ConfigError naming the flag)."""
+    words = " ".join(ns.initialize_token or []).strip() or None
+    category = (ns.category or words or "").strip()
+    presets = stage_presets(ns.method, ns.fast)
+    stages = []
+    for idx, prefix in STAGE_NAMES.items():
+        given = {k: getattr(ns, f"{prefix}_{k}") for k in STAGE_KEYS}
+        given = {k: v for k, v in given.items() if v is not None}
+        if idx not in presets:
+            if given:
+                raise ConfigError(
+                    f"--{prefix}_{next(iter(given))}: --method {ns.method} has no stage {idx}"
+                )
+            continue
+        vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
+        stages.append(StageConfig(index=idx, **vals))
+    # Every other field is the flag of the same name.
+    same = {f.name for f in dataclasses.fields(RunConfig)} & set(vars(ns))
+    kw = {k: getattr(ns, k) for k in same}
+    kw.update(category=category, initializer_token=words, stages=stages)
+    kw["run_stages"] = parse_stages(ns.stages) if ns.stages else sorted(presets)
+    kw["method_source"] = RECIPES[ns.method].source
+    cfg = RunConfig(**{**kw, **method_fields(ns, category, ns.output_dir)})
+    validate(cfg)
+    validate_speed_flags(cfg)
+    validate_method(cfg)
+    return cfg

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from attn_utils.config import ConfigError
 
 # The blocks that regional compilation compiles: every transformer and resnet block of SD's
 # U-Net (16 + 22 in SD2.1); each compiles once per distinct shape and is then reused.

@@ -20,9 +20,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .config import ConfigError
-from .data import InstanceDataset, _readable_suffixes, _seed, data_fingerprint, load_image, shown
-from .step import denoise_losses, encode_latents
+from attn_utils.config import ConfigError
+from attn_utils.images import data_fingerprint, load_image, readable_suffixes, shown
+from attn_utils.method.step import denoise_losses, encode_latents
+from attn_utils.train.data import InstanceDataset, _seed
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ PRIOR_STAGE = 3  # the stage that trains the whole U-Net takes the prior term
 
 def class_image_files(folder: Path) -> list[Path]:
     """Image files of a class folder, by name; hidden files (our .tmp-*) are not images."""
-    suffixes = _readable_suffixes()
+    suffixes = readable_suffixes()
     if not folder.is_dir():
         return []
     return sorted(
@@ -91,8 +92,9 @@ def generate_class_images(
 
 def trainer_sampler(trainer) -> Callable[[list[int]], list[Image.Image]]:
     """Sample the class prompt with the resident base modules (nothing is reloaded)."""
-    from .pipeline import make_pipeline, sampling_mode
-    from .render import initial_latents
+    from attn_utils.render.pipeline import make_pipeline
+    from attn_utils.render.renderer import initial_latents
+    from attn_utils.train.validation import sampling_mode
 
     cfg, tr = trainer.cfg, trainer
     pipe = make_pipeline(tr.tokenizer, tr.text_encoder, tr.vae, tr.unet, tr.noise_scheduler.config)

@@ -10,8 +10,8 @@ import signal
 
 import torch
 
-from .config import ConfigError, RunConfig, StageConfig
-from .methods import recipe_identity
+from attn_utils.config import ConfigError, RunConfig, StageConfig
+from attn_utils.train.methods import recipe_identity
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The flags that choose how fast and how lean a run is, not what it computes.
 
 None of them changes the recipe's math beyond floating-point rounding, except --cache_latents
-(a finite pool of augmentations; opt-in). attn_utils.placement applies them.
+(a finite pool of augmentations; opt-in). attn_utils.train.placement applies them.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 
 def validate_speed_flags(cfg) -> None:
     """One ConfigError naming the flag (called by config.validate)."""
-    from .config import ConfigError
+    from attn_utils.config import ConfigError
 
     if cfg.profile_steps < 0:
         raise ConfigError("--profile_steps: must be >= 0")

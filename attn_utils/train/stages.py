@@ -8,23 +8,24 @@ from pathlib import Path
 
 import torch
 
-from .config import STAGE_TITLES, ConfigError
-from .runfiles import (
-    EMBEDS_FILE,
-    STAGE_INFO,
-    load_embeddings,
-    load_weights_into,
-    save_embeddings,
-    stage_dir,
-    write_dir_atomically,
-)
-from .text_training import FOLDER as TEXT_ENCODER_DIR
-from .text_training import load_text_encoder, save_text_encoder
-from .tokens import (
+from attn_utils.config import STAGE_TITLES, ConfigError
+from attn_utils.method.tokens import (
     PlaceholderEmbedding,
     install_placeholder_embedding,
     remove_placeholder_embedding,
     set_embeddings,
+)
+from attn_utils.runfiles import (
+    EMBEDS_FILE,
+    STAGE_INFO,
+    TEXT_ENCODER_DIR,
+    load_embeddings,
+    load_text_encoder,
+    load_weights_into,
+    save_embeddings,
+    save_text_encoder,
+    stage_dir,
+    write_dir_atomically,
 )
 
 

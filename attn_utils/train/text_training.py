@@ -10,17 +10,13 @@ gradients, checkpoints hold them as `text_encoder.<name>`, and the stage result 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig
-from .runfiles import load_weights_into
+from attn_utils.config import ConfigError, RunConfig
 
 STAGE = 3  # the stage that trains the whole U-Net trains the text encoder too
 PREFIX = "text_encoder."  # names of its tensors in checkpoints, beside the U-Net's
-FOLDER = "text_encoder"  # beside unet/ in the stage folder; the pipeline's subfolder name
-WEIGHTS = "model.safetensors"
 # Why each other method refuses the flag (docs/methods.md).
 REFUSED = {
     "attndreambooth": "--method attndreambooth never trains the text encoder (SPEC.md); "
@@ -130,21 +126,3 @@ def sync_text_encoder_grads(params, world: int, bucket: int = 2**24) -> None:
             for g, part in zip(chunk, flat.split([g.numel() for g in chunk])):
                 g.copy_(part.view_as(g))
             chunk = []
-
-
-def save_text_encoder(stage_folder: Path, text_encoder) -> None:
-    """Write <stage_folder>/text_encoder/ in transformers layout (config + one safetensors)."""
-    # One file whatever the size (SD2.1's is 1.4 GB): load_text_encoder reads just that.
-    text_encoder.save_pretrained(str(Path(stage_folder) / FOLDER), max_shard_size="100GB")
-
-
-def trained_text_encoder(folder: str | Path) -> str | None:
-    """<folder>/text_encoder when it holds a saved text encoder, else None."""
-    d = Path(folder) / FOLDER
-    return str(d) if (d / "config.json").is_file() and (d / WEIGHTS).is_file() else None
-
-
-def load_text_encoder(folder: str | Path, text_encoder) -> None:
-    """Copy a saved text encoder's weights into a resident one of the same shape."""
-    weights = Path(folder) / WEIGHTS
-    load_weights_into(text_encoder, weights, "text encoder", "the trained text encoder")

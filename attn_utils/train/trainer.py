@@ -11,27 +11,33 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint as ck
-from . import runfiles as rf
-from .background import BackgroundWriter, HostSnapshot, finish_writes
-from .capture import TokenStats, capture_if
-from .config import ConfigError, RunConfig, StageConfig
-from .data import data_fingerprint, load_instance_images, step_seed
-from .loader import stage_loader
-from .meter import StepMeter
-from .methods import concept_token_ids, prompt_ids, training_prompts
-from .models import base_model_source, library_versions, load_base_model, model_fingerprint
-from .pipeline import encode_validation_prompt, render_validation
-from .placement import (
+from attn_utils import runfiles as rf
+from attn_utils.config import ConfigError, RunConfig, StageConfig
+from attn_utils.images import data_fingerprint, load_instance_images
+from attn_utils.method.capture import TokenStats, capture_if
+from attn_utils.method.step import denoise_losses, encode_latents
+from attn_utils.models import (
+    base_model_source,
+    library_versions,
+    load_base_model,
+    model_fingerprint,
+)
+from attn_utils.train import checkpoint as ck
+from attn_utils.train.background import BackgroundWriter, HostSnapshot, finish_writes
+from attn_utils.train.data import step_seed
+from attn_utils.train.loader import stage_loader
+from attn_utils.train.meter import StepMeter
+from attn_utils.train.methods import concept_token_ids, prompt_ids, training_prompts
+from attn_utils.train.placement import (
     attention_backend,
     offloads_text_encoder,
     peak_memory,
     place_models,
     reset_peak,
 )
-from .prior import prior_losses, setup_prior
-from .profiling import StageProfiler
-from .runtime import (
+from attn_utils.train.prior import prior_losses, setup_prior
+from attn_utils.train.profiling import StageProfiler
+from attn_utils.train.runtime import (
     StopRequest,
     TrainingStopped,
     build_optimizer,
@@ -40,15 +46,19 @@ from .runtime import (
     stage_fingerprint,
     stop_requested,
 )
-from .stages import (
+from attn_utils.train.stages import (
     finish_trainable,
     load_stage_result,
     missing_stage_message,
     save_stage_result,
     select_trainable,
 )
-from .step import denoise_losses, encode_latents
-from .text_training import sync_text_encoder_grads, trains_text_encoder, unfreeze_text_encoder
+from attn_utils.train.text_training import (
+    sync_text_encoder_grads,
+    trains_text_encoder,
+    unfreeze_text_encoder,
+)
+from attn_utils.train.validation import encode_validation_prompt, render_validation
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Metric models, scoring, studies, summaries and plots: the top layer."""

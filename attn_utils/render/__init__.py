@@ -1,0 +1,4 @@
+"""Pipelines from a base model plus what a run learned: prompt files, heatmaps, export.
+
+Never imports train/.
+"""

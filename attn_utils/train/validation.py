@@ -1,0 +1,83 @@
+"""Validation grids and class images during training: sampling with the resident modules."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from attn_utils.method.tokens import fill_prompt
+from attn_utils.render.pipeline import make_pipeline
+from attn_utils.runfiles import image_grid
+
+
+@torch.no_grad()
+def encode_validation_prompt(trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative) embeddings (1, 77, D) of the validation prompt, for sampling later
+    without the text encoder on the device."""
+    pipe = make_pipeline(
+        trainer.tokenizer,
+        trainer.text_encoder,
+        trainer.vae,
+        trainer.unet,
+        trainer.noise_scheduler.config,
+    )
+    prompt = fill_prompt(trainer.cfg.validation_prompt, trainer.cfg.placeholder_tokens)
+    return pipe.encode_prompt(prompt, trainer.device, 1, True)
+
+
+@contextlib.contextmanager
+def sampling_mode(trainer) -> Iterator[None]:
+    """U-Net in eval mode, VAE in fp32 (half-precision decodes can overflow), the run's
+    autocast, no gradients; the training state comes back on exit."""
+    unet, vae = trainer.unet, trainer.vae
+    was_training, vae_dtype = unet.training, vae.dtype
+    unet.eval()
+    if vae_dtype != torch.float32:
+        vae.to(torch.float32)
+    try:
+        with torch.no_grad(), trainer._autocast():
+            yield
+    finally:
+        if vae_dtype != torch.float32:
+            vae.to(vae_dtype)
+        unet.train(was_training)
+
+
+def render_validation(trainer, out: Path) -> Path:
+    """Sample the validation prompt with the resident modules; write a PNG grid atomically.
+
+    All images in one batched call; with trainer.validation_embeds set (stages 2-3) the
+    text encoder is not used, so it may rest on the CPU.
+    """
+    cfg, embeds, n = trainer.cfg, trainer.validation_embeds, trainer.cfg.num_validation_images
+    with sampling_mode(trainer):
+        pipe = make_pipeline(
+            trainer.tokenizer,
+            trainer.text_encoder if embeds is None else None,
+            trainer.vae,
+            trainer.unet,
+            trainer.noise_scheduler.config,
+        )
+        gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
+        if embeds is None:
+            text = {"prompt": [fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)] * n}
+        else:
+            text = {
+                "prompt_embeds": embeds[0].expand(n, -1, -1),
+                "negative_prompt_embeds": embeds[1].expand(n, -1, -1),
+            }
+        images = pipe(
+            **text,
+            generator=gen,
+            num_inference_steps=cfg.validation_inference_steps,
+            height=cfg.resolution,
+            width=cfg.resolution,
+        ).images
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    image_grid(images).save(tmp, format="PNG")
+    tmp.replace(out)
+    return out
