@@ -20,8 +20,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError
 from attn_utils.evaluate.study_sync import DEFAULT_WAIT_S
+from attn_utils.runfiles import writable_dir
 
 log = logging.getLogger("evaluate")
 
@@ -47,9 +49,7 @@ def add_metric_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__)
     p.add_argument("--samples_dir", required=True, metavar="DIR", help="an inference.py --save_dir")
     p.add_argument(
         "--instance_data_dir", "--real_dir", required=True, metavar="DIR", help="the real photos"
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_study_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="evaluate.py study",
         description="Train, render and score every concept; then one table and plots.",
     )
@@ -162,6 +162,8 @@ def run_eval(ns: argparse.Namespace) -> int:
         raise ConfigError("--category: needed (index.json names no category)")
     if not Path(ns.instance_data_dir).is_dir():
         raise ConfigError(f"--instance_data_dir: {ns.instance_data_dir} is not a folder")
+    if ns.output_dir:
+        writable_dir(ns.output_dir, "--output_dir")  # before any model loads
     models = _models_loader(ns)()
     real = embed_real(models, ns.instance_data_dir, ns.skip_bad_images)
     result = score_samples(models, ns.samples_dir, real, category, ns.clip_t_text)
@@ -208,6 +210,7 @@ def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) 
     if not ns.wait_timeout > 0:
         raise ConfigError(f"--wait_timeout: must be > 0 seconds, got {ns.wait_timeout:g}")
     read_prompt_file(ns.prompts)
+    writable_dir(ns.out, "--out")
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     plan = study_plan.StudyPlan(
         concepts=study_plan.read_concepts(ns.concepts),

@@ -15,8 +15,10 @@ import logging
 import secrets
 import sys
 
+from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError
 from attn_utils.render.pipeline import DTYPES, pick_device
+from attn_utils.runfiles import writable_dir
 
 # --infer_scheduler: our short names, and the authors' diffusers class names
 SCHEDULERS = {"dpm": "dpm", "dpmsolver": "dpm", "dpmsolvermultistepscheduler": "dpm"}
@@ -28,9 +30,7 @@ log = logging.getLogger("inference")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__)
     src = p.add_argument_group("the concept (a run folder, or the authors' flags)")
     src.add_argument(
         "--run_dir", metavar="DIR", help="training --output_dir: base model, tokens, category"
@@ -138,6 +138,8 @@ def check_args(ns: argparse.Namespace) -> None:
         raise ConfigError("--prompt / --prompt_file: nothing to render (or give --export_pipeline)")
     if (ns.prompt or ns.prompt_file) and not ns.save_dir:
         raise ConfigError("--save_dir: needed to render prompts")
+    if ns.save_dir:
+        writable_dir(ns.save_dir, "--save_dir")  # before any model loads
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -10,10 +10,14 @@ import errno
 import json
 import logging
 import os
+import shlex
 import sys
+from pathlib import Path
 
+from attn_utils import runfiles as rf
 from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError, RunConfig, add_run_flags, add_stage_flags
+from attn_utils.runfiles import writable_dir
 from attn_utils.train.methods import add_method_flags, config_from_args
 from attn_utils.train.speed_flags import add_speed_flags
 
@@ -39,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, object]:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ns = parse_args(argv)
+        if not ns.dry_run:
+            writable_dir(cfg.output_dir, "--output_dir")  # before any model loads
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -87,8 +93,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_DISK_FULL
-    acc.print(f"done: {cfg.output_dir}")
+    acc.print(finished(cfg))
     return 0
+
+
+def finished(cfg: RunConfig) -> str:
+    """What the run made and how to use it: the token, the weights, an inference command."""
+    run = Path(cfg.output_dir)
+    tokens = " ".join(cfg.placeholder_tokens)
+    made = [rf.stage_dir(run, k) for k in (1, 2, 3) if rf.stage_info(run, k) is not None]
+    weights = [d / rf.EMBEDS_FILE if d.name == "stage_1" else d / "unet" for d in made]
+    prompt = "a {} in the snow"
+    command = [
+        "python", "inference.py", "--run_dir", str(run), "--prompt", prompt,
+        "--save_dir", str(run / "samples"),
+    ]  # fmt: skip
+    return "\n".join([
+        f"done: {run}",
+        f"  learned token: {tokens} (write {{}} in a prompt: {prompt!r} renders as "
+        f"{prompt.format(f'{tokens} {cfg.category}')!r})",
+        "  weights: " + ", ".join(str(w) for w in weights),
+        "  render: " + shlex.join(command),
+    ])  # fmt: skip
 
 
 def _flat(d: dict) -> dict:

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import re
 import sys
 from typing import NoReturn
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where there is none to show (None, False, SUPPRESS)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default (where there is one to show); descriptions keep their line breaks."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action):  # a flag without help text still
+            action = copy.copy(action)  # shows its default
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "%(default)" in text or not _shows_default(action):
             return text
-        if action.option_strings and action.nargs != 0:
-            return f"{text} (default: %(default)s)" if text else "default: %(default)s"
-        return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """A default worth printing: a value a flag that takes one starts from."""
+    if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+        return False
+    return bool(action.option_strings)
 
 
 class Parser(argparse.ArgumentParser):

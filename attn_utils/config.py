@@ -30,7 +30,7 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
 
 @dataclass
 class StageConfig:
-    """One stage of the recipe (SPEC.md table)."""
+    """One stage of the recipe (docs/method.md table)."""
 
     index: int  # 1 embedding, 2 cross-attention, 3 whole U-Net
     learning_rate: float
@@ -47,7 +47,7 @@ class StageConfig:
         return STAGE_NAMES[self.index]
 
 
-# The paper's recipe (SPEC.md); the fast version only changes stage 3.
+# The paper's recipe (docs/method.md); the fast version only changes stage 3.
 PAPER_STAGES = {
     1: dict(
         learning_rate=1e-3,
@@ -128,7 +128,7 @@ class RunConfig:
     dataloader_num_workers: int | None = None  # None: up to 4 on a GPU, 0 on the CPU
     report_to: str = "none"  # none | tensorboard | wandb
     checkpoints_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
+    resume_from_checkpoint: str | None = None  # None / "latest": newest; "none"; or a folder
     local_files_only: bool = False
     # --method and prior preservation (methods.py, docs/methods.md)
     method: str = "attndreambooth"  # attndreambooth | ti | dreambooth | ti_db
@@ -281,7 +281,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="default for every stage's --<stage>_checkpointing_steps",
     )
     g.add_argument("--checkpoints_total_limit", type=int, default=2)
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint dir or 'latest'")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        metavar="latest|none|DIR",
+        help="an interrupted stage continues from this run's newest checkpoint by default "
+        "('latest'); 'none' starts it over (its checkpoints are removed); or a checkpoint folder",
+    )
     g.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit")
 
 

@@ -10,6 +10,16 @@ import logging
 import warnings
 
 LIBRARIES = ("diffusers", "transformers", "accelerate", "huggingface_hub", "torch")
+# Warnings of the libraries about the libraries, which no flag of ours can act on. Each one
+# is matched by its text, so a new warning still shows. The same list is in pyproject.toml's
+# pytest filterwarnings.
+HARMLESS = (
+    # diffusers' schedulers call np.array() on a torch tensor; numpy 2 asks torch for copy=
+    (DeprecationWarning, r"__array__ implementation doesn't accept a copy keyword"),
+    # diffusers passes huggingface_hub an argument it has deprecated, on every Hub load
+    (UserWarning, r"The `local_dir_use_symlinks` argument is deprecated"),
+)
+TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
 
 
 class OncePerMessage(logging.Filter):
@@ -51,4 +61,24 @@ def third_party_warnings_once() -> OncePerMessage:
         if isinstance(logger, logging.Logger) and name.split(".")[0] in LIBRARIES:
             add(logger)
     warnings.simplefilter("once")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+        warnings.filterwarnings("ignore", category=category)  # Python's defaults, kept
+    for category, message in HARMLESS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     return once
+
+
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_FALLBACK not in record.getMessage()
+
+
+def hide_torchvision_fallback_notice() -> None:
+    """transformers says so when it picks an image processor's PIL version for lack of
+    torchvision. We never use its processors (pipelines get none; the metrics preprocess
+    with our own code, docs/evaluation.md), so the notice would only alarm. The filter sits on
+    the logger that emits it, set before transformers is imported, and drops that text only.
+    """
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionFallbackNotice) for f in logger.filters):
+        logger.addFilter(_NoTorchvisionFallbackNotice())

@@ -41,6 +41,30 @@ TEXT_ENCODER_WEIGHTS = "model.safetensors"
 # ---------------------------------------------------------------- layout
 
 
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """Refuse, with one ConfigError naming the flag, a folder that cannot be made or written.
+
+    Called before any model loads, so a bad folder costs a second, not a load. Nothing is
+    left behind: the folder itself is made later, by whatever writes into it.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {path} exists and is not a folder")
+    probe_in = path
+    while not probe_in.exists():  # the nearest existing folder above it must take files
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ConfigError(f"{flag}: cannot create {path}: {probe_in} is not a folder")
+    probe = probe_in / f".tmp-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or first_line(e)
+        raise ConfigError(f"{flag}: cannot write to {probe_in} ({why})") from None
+    return path
+
+
 def stage_dir(run_dir: Path, stage: int) -> Path:
     return Path(run_dir) / f"stage_{stage}"
 

@@ -9,7 +9,6 @@ instead (FAMILIES).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,12 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageDraw
 
+from attn_utils.argparsing import Parser
+
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 TINY_RESOLUTION = 128
 TINY_CATEGORY = "sloth"
-# Stable Diffusion's DDPM training schedule (SPEC.md), shared with the SD2.1-shape benchmark.
+# Stable Diffusion's DDPM training schedule (docs/method.md), shared with the SD2.1-shape benchmark.
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_schedule="scaled_linear",
@@ -313,7 +314,7 @@ def draw_concept(out_dir: str | Path, n_images: int = 5, size: int = 160, seed: 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: write DIR/base_model and DIR/concept and print both paths."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--images", type=int, default=5, help="number of concept images")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AttnDreamBooth on Stable Diffusion 2.1-base with the paper's recipe (SPEC.md), all three
+# AttnDreamBooth on Stable Diffusion 2.1-base with the paper's recipe (docs/method.md), all three
 # stages in ONE process. Usage:
 #   bash bash_script/train_attndreambooth.sh INSTANCE_DIR CATEGORY OUTPUT_DIR [--fast] [extra flags]
 # --fast: the paper's fast version of stage 3 (lr 1e-5, 200 steps, batch 4).

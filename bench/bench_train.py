@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from attn_utils.argparsing import Parser  # noqa: E402
 from bench.modes import MODES, RECIPES, VALIDATIONS, StageRun, Variant, place  # noqa: E402
 from bench.report import markdown, summarise  # noqa: E402
 
@@ -219,7 +220,7 @@ def child_main(path: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--model",
         choices=["sd21", "small"],

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-# Paper step counts (SPEC.md); "fast" is the paper's fast stage 3. Validations per recipe:
+# Paper step counts (docs/method.md); "fast" is the paper's fast stage 3. Validations per recipe:
 # steps // validate_every, i.e. 60//30 + 100//50 + 500//100 (fast: 200//100).
 RECIPES = {"paper": {1: 60, 2: 100, 3: 500}, "fast": {1: 60, 2: 100, 3: 200}}
 VALIDATIONS = {"paper": 9, "fast": 6}

@@ -1,4 +1,4 @@
-"""Model configs for random-weight benchmarks: SD2.1-base shapes (SPEC.md) and a small variant.
+"""Model configs for random-weight benchmarks: SD2.1-base shapes (docs/method.md), a small one.
 
 Random weights have the real shapes, so step time and memory match the real model; nothing is
 downloaded. `small` keeps SD2.1's structure (4 U-Net levels, 3 cross-attention down/up blocks,
@@ -21,7 +21,7 @@ from attn_utils.tiny import SD_SCHEDULER
 CLIP_VOCAB = 49408  # CLIP's BPE vocabulary; the placeholder token is appended as row 49408
 MAX_POSITIONS = 77
 
-# SPEC.md, "Architecture facts for random-weight benchmarks". 865.9 M parameters.
+# docs/method.md, "Architecture facts for random-weight benchmarks". 865.9 M parameters.
 UNET_SD21 = dict(
     sample_size=64,
     in_channels=4,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, train_argv
 
 import train_attndreambooth
 
@@ -19,3 +20,134 @@ RECORDED = json.loads((ROOT / "tests" / "data" / "dry_run_plans.json").read_text
 def test_dry_run_prints_the_recorded_plan(capsys, case):
     assert train_attndreambooth.main([*BASE, *RECORDED[case]["argv"]]) == 0
     assert json.loads(capsys.readouterr().out) == RECORDED[case]["plan"]
+
+
+def _one_line_exit_2(main, argv, capsys) -> str:
+    """Run a CLI's main; it must exit 2 with exactly one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _clis():
+    import evaluate
+    import inference
+
+    return {
+        "train": (train_attndreambooth.main, BASE[:-1]),
+        "inference": (inference.main, ["--run_dir", "r", "--prompt", "a {}", "--save_dir", "s"]),
+        "evaluate": (evaluate.main, ["--samples_dir", "s", "--instance_data_dir", "d"]),
+        "study": (lambda a: evaluate.main(["study", *a]),
+                  ["--concepts", "c.json", "--prompts", "p.txt", "--out", "o"]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cli", ["train", "inference", "evaluate", "study"])
+def test_a_mistyped_flag_is_one_line_naming_the_closest(capsys, cli):
+    main, argv = _clis()[cli]
+    flag = {"train": "--resolutoin", "inference": "--num_inference_step",
+            "evaluate": "--clip_modle", "study": "--num_images_per_promt"}[cli]  # fmt: skip
+    line = _one_line_exit_2(main, [*argv, flag, "3"], capsys)
+    assert line.startswith(f"error: {flag}: unknown flag; did you mean --"), line
+    want = {"train": "--resolution", "inference": "--num_inference_steps",
+            "evaluate": "--clip_model", "study": "--num_images_per_prompt"}[cli]  # fmt: skip
+    assert line.endswith(f"{want}?")
+
+
+@pytest.mark.parametrize("cli", ["train", "inference", "evaluate", "study"])
+def test_abbreviated_flags_are_refused(capsys, cli):
+    main, argv = _clis()[cli]
+    abbrev = {"train": "--resume_from", "inference": "--num_inference",
+              "evaluate": "--clip_mod", "study": "--num_images"}[cli]  # fmt: skip
+    line = _one_line_exit_2(main, [*argv, abbrev, "3"], capsys)
+    assert line.startswith(f"error: {abbrev}: unknown flag")
+
+
+def test_help_shows_every_default_grouped_by_stage(capsys):
+    with pytest.raises(SystemExit):
+        train_attndreambooth.main(["--help"])
+    out = capsys.readouterr().out
+    for title in ("stage 1 (embedding):", "stage 2 (cross-attention):", "stage 3 (unet):"):
+        assert title in out
+    stage1 = out[out.index("stage 1 (embedding):") : out.index("stage 2 (cross-attention):")]
+    assert "--ti_learning_rate" in stage1 and "(paper: 0.001)" in " ".join(stage1.split())
+    flat = " ".join(out.split())
+    assert "--resolution RESOLUTION default: 512" in flat  # a flag without help text too
+    assert "--repeats REPEATS each photo's copies per epoch (default: 100)" in flat
+    assert "--checkpoints_total_limit CHECKPOINTS_TOTAL_LIMIT default: 2" in flat
+
+
+@pytest.mark.parametrize("cli", ["train", "inference"])
+@pytest.mark.parametrize("how", ["file", "under_a_file"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(
+    capsys, tmp_path, cli, how
+):
+    import inference
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    target = blocker if how == "file" else blocker / "sub"
+    missing = str(tmp_path / "no_model_here")  # loading it would fail with another message
+    if cli == "train":
+        argv = [*BASE[:-1], "--output_dir", str(target), "--pretrained_model_name_or_path", missing]
+        rc, flag = train_attndreambooth.main(argv), "--output_dir"
+    else:
+        argv = ["--pretrained_model_name_or_path", missing, "--category", "sloth", "--prompt",
+                "a {}", "--save_dir", str(target)]  # fmt: skip
+        rc, flag = inference.main(argv), "--save_dir"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {flag}: "), err
+    assert str(blocker) in err[0] and "no_model_here" not in err[0]
+
+
+def test_the_end_of_training_names_the_token_the_weights_and_a_command_that_runs(
+    capsys, tmp_path, tiny_model, concept
+):
+    import shlex
+
+    import inference
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train_attndreambooth.main(train_argv(tiny_model, concept, out)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tail = lines[lines.index(f"done: {out}") :]
+    assert "learned token: new_concept_v0" in tail[1]
+    assert "'a new_concept_v0 sloth in the snow'" in tail[1]
+    weights = tail[2].removeprefix("  weights: ").split(", ")
+    assert weights == [str(out / "stage_1/learned_embeds.safetensors"),
+                       str(out / "stage_2/unet"), str(out / "stage_3/unet")]  # fmt: skip
+    assert all(Path(w).exists() for w in weights)
+    command = shlex.split(tail[3].removeprefix("  render: "))
+    assert command[:2] == ["python", "inference.py"]
+    quick = ["--num_inference_steps", "2", "--num_images_per_prompt", "1"]
+    assert inference.main([*command[2:], *quick]) == 0
+    assert (out / "samples" / "index.json").is_file()
+
+
+def test_the_demo_says_what_to_expect_and_makes_its_picture(tmp_path):
+    """README command 1's script, run as a newcomer runs it (~1 min on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "bash_script/demo.sh", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, after = r.stdout.split("== demo finished")
+    assert "RANDOM weights" in before and "Expect noise" in before
+    assert "noise because the weights are random" in after and "overview.png" in after
+    assert "learned token: new_concept_v0" in r.stdout  # the trainer's closing lines
+    from PIL import Image
+
+    with Image.open(out / "overview.png") as im:
+        assert im.size[0] >= 640 and im.size[1] > 128
+    # nothing a newcomer could take for an error (the suite's own filters do not apply here)
+    noisy = [ln for ln in r.stderr.splitlines() if "Warning" in ln or "warn" in ln.lower()]
+    assert noisy == [], noisy

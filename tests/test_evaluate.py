@@ -262,6 +262,24 @@ def test_missing_or_unreachable_metric_model_is_one_clear_error(
     assert not (samples / "metrics.json").exists()
 
 
+def test_without_network_or_cache_both_default_models_are_named_with_the_fetch_command(
+    tmp_path, capsys, monkeypatch
+):
+    """evaluate.py on a fresh machine: one line names CLIP and DINO, their ids, and how to
+    fetch them, instead of failing on the first and hiding the second."""
+    samples = fake_samples(tmp_path / "samples")
+    reals = real_dir(tmp_path / "real")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # nothing cached
+    monkeypatch.setattr(metrics_mod, "hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    argv = ["--samples_dir", str(samples), "--instance_data_dir", str(reals)]
+    line, _ = cli_error(lambda a: evaluate.main(a), capsys, argv)
+    clip, dino = metrics_mod.DEFAULT_CLIP, metrics_mod.DEFAULT_DINO
+    assert line.startswith(f"error: --clip_model {clip} and --dino_model {dino}:"), line
+    assert f"hf download {clip} && hf download {dino}" in line
+    assert not (samples / "metrics.json").exists()
+
+
 def test_bad_samples_folder_is_one_error_and_writes_nothing(metric_dirs, tmp_path, capsys):
     samples = fake_samples(tmp_path / "samples")
     reals = real_dir(tmp_path / "real")

@@ -189,8 +189,8 @@ def test_counts_files_index_and_progress(reference, run_dir, capsys):
         assert (folder / "prompt.txt").read_text().strip() == prompt
         assert entry["files"] == [f"{entry['dir']}/{i}.png" for i in range(3)]
         assert entry["seed"] == 7 and entry["image_seeds"] == [7, 8, 9]
-        assert Image.open(folder / "0.png").size == (64, 64)
-        assert Image.open(reference / entry["grid"]).size == (128, 128)  # 2 x 2 tiles
+        with Image.open(folder / "0.png") as im, Image.open(reference / entry["grid"]) as grid:
+            assert im.size == (64, 64) and grid.size == (128, 128)  # 2 x 2 tiles
     s = index["settings"]
     assert s["stage"] == 3 and s["unet_path"] == str(run_dir / "stage_3" / "unet")
     assert s["tokens"] == [TOKEN] and s["category"] == "sloth" and s["scheduler"] == "dpm"

@@ -42,7 +42,7 @@ class KeepProbs:
 
 
 def slow_reg(maps, s, k, c, wm, wv):
-    """SPEC.md's formula with explicit loops over layers, samples and tokens."""
+    """docs/method.md's formula with explicit loops over layers, samples and tokens."""
     total = 0.0
     for P in maps:  # (B, H, N, T)
         for b in range(P.shape[0]):

@@ -3,7 +3,7 @@
 Fast path (the library, default settings): text states cached for stages 2-3 and at batch 1
 in stage 1 (placeholder row only), fused self-attention, explicit maps on attn2 only.
 Plain reference (written here): text encoder on B copies every step, explicit softmax in
-EVERY attention layer, full maps kept, the regulariser written out from SPEC.md; stage 1
+EVERY attention layer, full maps kept, the regulariser written out from docs/method.md; stage 1
 trains the whole embedding table and reads the placeholder row's gradient.
 
 Tolerances: fp32 losses and gradients agree to rtol 1e-4 (fused vs explicit attention and
@@ -54,7 +54,7 @@ class PlainAttention:
 
 
 def plain_reg(maps: list[torch.Tensor], s: int, c: int, wm: float, wv: float) -> torch.Tensor:
-    """SPEC.md's regulariser (k = 1): per sample, statistics over heads and pixels jointly."""
+    """docs/method.md's regulariser (k = 1): per sample, statistics over heads and pixels."""
     total = 0.0
     for p in maps:  # (B, H, N, T)
         x = p.permute(0, 3, 1, 2).reshape(p.shape[0], p.shape[-1], -1)  # (B, T, H*N)

@@ -111,10 +111,23 @@ def test_resume_is_bitwise_exact(
     assert [p.name for p in ck.list_checkpoints(out)][-1] == f"checkpoint-s{stage}-{step:06d}"
     assert not (out / f"stage_{stage}").exists()
     capsys.readouterr()
-    assert run_train([*argv, "--resume_from_checkpoint", "latest"]) == 0
+    assert run_train(argv) == 0  # the same command again continues mid-stage, and says so
     assert f"resumed from {out / 'checkpoints'}" in capsys.readouterr().out
     assert same_weights(full_run / WEIGHTS[stage], out / WEIGHTS[stage])
     assert ck.list_checkpoints(out) == []  # superseded by the stage result
+
+
+def test_starting_over_takes_an_explicit_flag(
+    run_train, capsys, tmp_path, tiny_model, concept, full_run, interrupted
+):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    argv = train_argv(tiny_model, concept, out, "--stages", "1", "--ti_checkpointing_steps", "2")
+    capsys.readouterr()
+    assert run_train([*argv, "--resume_from_checkpoint", "none"]) == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert same_weights(full_run / WEIGHTS[1], out / WEIGHTS[1])  # from step 0, uninterrupted
+    assert ck.list_checkpoints(out) == []
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +159,11 @@ def test_signal_to_the_cli_checkpoints_and_exits_cleanly(
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err
     assert "stopped: stopped by signal at stage 1 step" in err
-    assert "--resume_from_checkpoint latest" in err
+    assert "launch the same command again to continue" in err
     state, tensors, _ = ck.load_checkpoint(ck.list_checkpoints(out)[-1])
     assert 0 < state["step"] < int(LONG) and torch.isfinite(tensors["learned_embeds"]).all()
     assert not (out / "stage_1").exists()
-    assert run_train([*argv, "--resume_from_checkpoint", "latest"]) == 0
+    assert run_train(argv) == 0
     assert same_weights(long_reference, out / WEIGHTS[1])
 
 

@@ -55,7 +55,7 @@ def test_dry_run_shows_it_and_its_lr(capsys):
 @pytest.mark.parametrize(
     "argv,flag",
     [
-        (["--train_text_encoder"], "--train_text_encoder"),  # attndreambooth: SPEC.md
+        (["--train_text_encoder"], "--train_text_encoder"),  # attndreambooth: docs/method.md
         (["--method", "ti", "--train_text_encoder"], "--train_text_encoder"),
         (["--method", "ti_db", "--train_text_encoder"], "--train_text_encoder"),
         (["--method", "dreambooth", "--text_encoder_learning_rate", "1e-6"],

@@ -137,6 +137,21 @@ def load_metric_model(
         raise ConfigError(f"{flag}: cannot load {name!r} from the Hub ({first_line(e)})") from None
 
 
+def missing_models_message(failed: list[tuple[str, str, str]]) -> str:
+    """One line for the metric models that could not load, with the command that fetches
+    the Hub ones once (evaluate.py needs CLIP for CLIP-T / CLIP-I and DINO for DINO)."""
+    if len(failed) == 1:
+        return failed[0][2]
+    hub = [name for _, name, _ in failed if not Path(name).expanduser().is_dir()]
+    fetch = " && ".join(f"hf download {name}" for name in hub)
+    names = " and ".join(f"{flag} {name}" for flag, name, _ in failed)
+    return (
+        f"{names}: neither model can be loaded ({failed[0][2].split(': ', 1)[-1]}); "
+        + (f"fetch both once with `{fetch}` (or " if fetch else "(")
+        + "pass local model folders)"
+    )
+
+
 def _load_clip(name: str, kw: dict):
     from transformers import AutoTokenizer, CLIPModel, ImageProcessingMixin
 
@@ -195,10 +210,19 @@ class MetricModels:
     ) -> MetricModels:
         """Load both models (one clear error naming --clip_model / --dino_model on failure)."""
         device, dtype = torch.device(device), MIXED_PRECISION[mixed_precision]
-        clip, clip_tf, tok = load_metric_model(
-            "--clip_model", clip_model, _load_clip, local_files_only
-        )
-        dino, dino_tf = load_metric_model("--dino_model", dino_model, _load_dino, local_files_only)
+        wanted = [
+            ("--clip_model", clip_model, _load_clip),
+            ("--dino_model", dino_model, _load_dino),
+        ]
+        loaded, failed = [], []
+        for flag, name, loader in wanted:  # try both: one message names all that is missing
+            try:
+                loaded.append(load_metric_model(flag, name, loader, local_files_only))
+            except ConfigError as e:
+                failed.append((flag, name, str(e)))
+        if failed:
+            raise ConfigError(missing_models_message(failed))
+        (clip, clip_tf, tok), (dino, dino_tf) = loaded
         for m in (clip, dino):
             m.requires_grad_(False)
             m.eval()

@@ -17,7 +17,7 @@ def attention_reg_loss(
     mean_weight: float,
     var_weight: float,
 ) -> torch.Tensor:
-    """AttnDreamBooth's cross-attention regulariser (SPEC.md, the original's semantics).
+    """AttnDreamBooth's cross-attention regulariser (docs/method.md, the original's semantics).
 
     stats: per layer (mean, var), each (B, k + 1): columns 0..k-1 the placeholder tokens,
     column k the category's first sub-token. Per layer and sample, the MSE over the k

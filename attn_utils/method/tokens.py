@@ -22,7 +22,7 @@ def category_token_ids(tokenizer, category: str) -> list[int]:
 def add_placeholder_tokens(tokenizer, text_encoder, tokens: list[str], category: str) -> list[int]:
     """Add the placeholder tokens, resize the embedding table, initialise from the category.
 
-    Token i is initialised from the category's i-th sub-token (SPEC.md: the first n of them).
+    Token i is initialised from the category's i-th sub-token (docs/method.md: the first n of them).
     """
     init_ids = category_token_ids(tokenizer, category)
     if not init_ids:
@@ -112,7 +112,7 @@ def prompt_positions(
     """Tokenise the training prompt; return (input_ids (1, 77), s, c).
 
     s is the first placeholder position, c = s + k the first category sub-token: the
-    regularisation target (SPEC.md; for a multi-token category only the first sub-token).
+    regularisation target (docs/method.md; for a multi-token category only the first sub-token).
     """
     ids = tokenizer(
         prompt,

@@ -123,10 +123,11 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
 
 
 def resolve_resume(run_dir: Path, arg: str | None) -> Path | None:
-    """The checkpoint folder to resume from: None, 'latest' of THIS run folder, or a path."""
-    if arg is None:
+    """The checkpoint to continue from: by default (None, or 'latest') the newest one of THIS
+    run folder; 'none' starts an interrupted stage over; otherwise the folder given."""
+    if arg == "none":
         return None
-    if arg == "latest":
+    if arg is None or arg == "latest":
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     p = Path(arg)
@@ -152,7 +153,8 @@ def restore_checkpoint(
     if state.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"--resume_from_checkpoint: {path} was written with different data, base model "
-            "or settings; refusing to mix them (use a new --output_dir)"
+            "or settings; refusing to mix them (use a new --output_dir, or pass "
+            "--resume_from_checkpoint none to start the stage over)"
         )
     if set(tensors) != set(trainable):
         raise ConfigError(f"--resume_from_checkpoint: {path} holds other parameters")

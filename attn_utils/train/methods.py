@@ -1,6 +1,6 @@
 """The paper's baselines as named recipes of the same stage machinery (--method).
 
-    attndreambooth  stages 1, 2, 3 with the regulariser: the paper (SPEC.md)
+    attndreambooth  stages 1, 2, 3 with the regulariser: the paper (docs/method.md)
     ti              stage 1 alone, no regulariser: the diffusers textual_inversion example
     dreambooth      stage 3 alone on a rare word, prior preservation: the diffusers DreamBooth
                     example

@@ -13,6 +13,7 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
     """Precision, optimiser kernel, memory, compilation, attention kernel, data loading."""
+    p = p.add_argument_group("speed and memory (docs/performance.md)")
     p.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],

@@ -38,7 +38,7 @@ class StageParams:
 
 
 def select_trainable(stage: int, unet, text_encoder, token_ids: list[int]) -> StageParams:
-    """Freeze everything, then unfreeze exactly this stage's parameters (SPEC.md)."""
+    """Freeze everything, then unfreeze exactly this stage's parameters (docs/method.md)."""
     for p in list(unet.parameters()) + list(text_encoder.parameters()):
         p.requires_grad_(False)
     if stage == 1:

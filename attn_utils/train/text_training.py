@@ -19,7 +19,7 @@ STAGE = 3  # the stage that trains the whole U-Net trains the text encoder too
 PREFIX = "text_encoder."  # names of its tensors in checkpoints, beside the U-Net's
 # Why each other method refuses the flag (docs/methods.md).
 REFUSED = {
-    "attndreambooth": "--method attndreambooth never trains the text encoder (SPEC.md); "
+    "attndreambooth": "--method attndreambooth never trains the text encoder (docs/method.md); "
     "it is DreamBooth's option, for --method dreambooth",
     "ti": "--method ti trains [V]'s embedding alone; the text encoder trains only with the "
     "U-Net, in --method dreambooth",

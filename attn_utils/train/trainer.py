@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from attn_utils import runfiles as rf
@@ -23,6 +24,7 @@ from attn_utils.models import (
     model_fingerprint,
 )
 from attn_utils.train import checkpoint as ck
+from attn_utils.train.actions import StageActions
 from attn_utils.train.background import BackgroundWriter, HostSnapshot, finish_writes
 from attn_utils.train.data import step_seed
 from attn_utils.train.loader import stage_loader
@@ -46,11 +48,12 @@ from attn_utils.train.runtime import (
     stage_fingerprint,
     stop_requested,
 )
+from attn_utils.train.schedule import Due, Schedule
 from attn_utils.train.stages import (
+    StageParams,
     finish_trainable,
     load_stage_result,
     missing_stage_message,
-    save_stage_result,
     select_trainable,
 )
 from attn_utils.train.text_training import (
@@ -58,12 +61,36 @@ from attn_utils.train.text_training import (
     trains_text_encoder,
     unfreeze_text_encoder,
 )
-from attn_utils.train.validation import encode_validation_prompt, render_validation
+from attn_utils.train.validation import encode_validation_prompt
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
+@dataclass
+class StageRun:
+    """One stage's moving parts, made by Trainer._begin_stage and read by its loop."""
+
+    sc: StageConfig
+    params: StageParams  # the stage's trainable tensors by name (stages.select_trainable)
+    plist: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled under fp16 only
+    unet: torch.nn.Module  # DDP-wrapped in stages 2-3 when several processes run
+    text: torch.Tensor | None  # (1, 77, D) cached encoder output, when it is fixed and frozen
+    encodes: bool  # the text encoder runs each micro-step (stage 1, or it trains)
+    loader: DataLoader
+    stats: TokenStats  # the regulariser's attention statistics, filled by the capture
+    meter: StepMeter
+    schedule: Schedule
+    bar: tqdm
+    prof: StageProfiler
+    capture: contextlib.AbstractContextManager
+    start: int  # the step it resumed at (0: from the beginning)
+    step: int  # optimiser steps done
+    t0: float = 0.0  # when the loop started (perf_counter)
+
+
+class Trainer(StageActions):
     """Loads everything once, then runs the requested stages in order."""
 
     def __init__(self, cfg: RunConfig, accelerator) -> None:
@@ -149,17 +176,21 @@ class Trainer:
             )
         acc.wait_for_everyone()
         resume = ck.resolve_resume(self.run_dir, cfg.resume_from_checkpoint)
-        if resume is None and ck.list_checkpoints(self.run_dir) and acc.is_main_process:
-            log.warning(
-                "%s holds checkpoints; pass --resume_from_checkpoint latest to continue "
-                "from them instead of restarting the stage",
-                self.run_dir,
-            )
+        if cfg.resume_from_checkpoint == "none":
+            self._start_over()
         # one StopRequest for the run: a signal between stages counts too
         with StopRequest() as self.stop, finish_writes(self.writer):
             for stage in [s.index for s in cfg.stages if s.index <= max(cfg.run_stages)]:
                 self._run_stage(stage, resume)
         acc.end_training()
+
+    def _start_over(self) -> None:
+        """--resume_from_checkpoint none: an interrupted stage restarts; its checkpoints go."""
+        if self.acc.is_main_process:
+            for old in ck.list_checkpoints(self.run_dir):
+                log.warning("--resume_from_checkpoint none: removing %s", old)
+                rf.remove_dir(old)
+        self.acc.wait_for_everyone()
 
     def _run_stage(self, stage: int, resume: Path | None) -> None:
         """Reuse a completed stage, or train it; stop afterwards if a signal came meanwhile."""
@@ -196,8 +227,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ one stage
     def train_stage(self, sc: StageConfig, resume: Path | None) -> None:
-        cfg, acc = self.cfg, self.acc
-        k = sc.index
+        """One stage: each micro-batch is denoised, regularised and backpropagated; every
+        gradient_accumulation_steps of them make one optimiser step, then what is due."""
+        run = self._begin_stage(sc, resume)
+        ga = sc.gradient_accumulation_steps
+        with contextlib.closing(run.bar), run.capture:  # closed on every exit
+            for micro, batch in enumerate(run.loader, start=run.start * ga):
+                last_micro = (micro + 1) % ga == 0
+                self._backward(run, micro, batch, sync=last_micro)
+                if not last_micro:
+                    continue
+                grad_bad = self._optimizer_step(run.params, run.optimizer, run.scaler, run.plist)
+                run.step += 1
+                run.meter.end_step(run.step, grad_bad)
+                run.prof.step_done(run.step)
+                run.bar.update(1)
+                # grad_bad is True only when read on the host (no fused skip): stop at once
+                if self._after_step(run, run.schedule.after(run.step, grad_bad is True)):
+                    break
+        self._end_stage(run)
+
+    def _begin_stage(self, sc: StageConfig, resume: Path | None) -> StageRun:
+        """The stage's trainable set, optimiser, resumed state, data and bookkeeping."""
+        cfg, acc, k = self.cfg, self.acc, sc.index
         self.snapshot = HostSnapshot()  # this stage's tensors: the last one's buffers go
         params = select_trainable(k, self.unet, self.text_encoder, self.token_ids)
         plist = list(params.named.values())
@@ -208,108 +260,85 @@ class Trainer:
         start = 0
         if resume is not None and resume.name.startswith(f"checkpoint-s{k}-"):
             start = self._resume(resume, k, params, optimizer, scaler)
-        ddp_unet = self.unet
+        unet = self.unet
         if k >= 2 and acc.num_processes > 1:
-            ddp_unet = torch.nn.parallel.DistributedDataParallel(
-                self.unet,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            unet = torch.nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        cached = self._cached_text() if k >= 2 and not te else None  # frozen, fixed prompt
         self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
-        ga = sc.gradient_accumulation_steps
-        loader = stage_loader(self, sc, start)
         stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
         stats.columns = self.columns  # (1, k + category columns), on the device
-        meter = StepMeter(self.device)
-        bar = tqdm(
-            total=sc.train_steps,
-            initial=start,
-            desc=f"stage {k}",
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
-        )
+        bar = tqdm(total=sc.train_steps, initial=start, desc=f"stage {k}",
+                   disable=not acc.is_main_process, dynamic_ncols=True)  # fmt: skip
+        run = StageRun(
+            sc=sc, params=params, plist=plist, optimizer=optimizer, scaler=scaler, unet=unet,
+            text=self._cached_text() if k >= 2 and not te else None,  # frozen, fixed prompt
+            encodes=k == 1 or te, loader=stage_loader(self, sc, start), stats=stats,
+            meter=StepMeter(self.device), schedule=Schedule(sc, cfg.logging_steps,
+                                                            acc.num_processes),
+            bar=bar, start=start, step=start,
+            prof=StageProfiler(cfg.profile_steps if acc.is_main_process else 0, self.run_dir, k,
+                               start, self.device),
+            capture=capture_if(bool(sc.reg_mean_weight or sc.reg_var_weight), self.unet, stats),
+        )  # fmt: skip
         reset_peak(self.device)
-        n_prof = cfg.profile_steps if acc.is_main_process else 0
-        prof = StageProfiler(n_prof, self.run_dir, k, start, self.device)
-        step, t0 = start, time.perf_counter()
         if cfg.validate_before_training and start == 0:
             self._validate(k, 0, stats)
-        capture = capture_if(bool(sc.reg_mean_weight or sc.reg_var_weight), self.unet, stats)
-        # closed on every exit, so an error message starts on a line of its own
-        with contextlib.closing(bar), capture:
-            for micro, batch in enumerate(loader, start=start * ga):
-                last_micro = (micro + 1) % ga == 0
-                sync = last_micro or acc.num_processes == 1
-                ctx = (
-                    ddp_unet.no_sync()
-                    if (not sync and ddp_unet is not self.unet)
-                    else contextlib.nullcontext()
-                )
-                with ctx, self._attention_backend():
-                    gen = torch.Generator(self.device).manual_seed(
-                        step_seed(cfg.seed, k, micro, acc.process_index)
-                    )
-                    with self._autocast():
-                        ids = prompt_ids(self, k, micro, stats) if k == 1 or te else None
-                        text = self.text_encoder(ids)[0] if ids is not None else cached
-                        mse, reg = self._losses(ddp_unet, batch, text, gen, stats, sc)
-                        loss = (mse + reg) / ga
-                    meter.add_micro(mse, reg, ga)
-                    scaler.scale(loss).backward()
-                if not last_micro:
-                    continue
-                grad_bad = self._optimizer_step(params, optimizer, scaler, plist)
-                step += 1
-                meter.end_step(step, grad_bad)
-                if grad_bad is True:  # read on the host (no fused skip): stop now, as loss or
-                    self._read_meter(meter, k, step, sc, bar)  # gradient, on every process
-                prof.step_done(step)
-                bar.update(1)
-                ckpt = bool(sc.checkpointing_steps) and step % sc.checkpointing_steps == 0
-                val = bool(sc.validation_steps) and step % sc.validation_steps == 0
-                done = step == sc.train_steps
-                if ckpt or val or done or step % cfg.logging_steps == 0:
-                    self._read_meter(meter, k, step, sc, bar)  # the one host sync
-                if done:
-                    break
-                if ckpt:
-                    self._checkpoint(k, step, params, optimizer, scaler)
-                if val:
-                    self._validate(k, step, stats)
-                if (acc.num_processes == 1 or step % cfg.logging_steps == 0) and stop_requested(
-                    self.stop, self.device
-                ):
-                    self._read_meter(meter, k, step, sc, bar)  # never checkpoint a bad step
-                    path = self._checkpoint(k, step, params, optimizer, scaler)
-                    self.writer.wait()
-                    raise TrainingStopped(
-                        f"stopped by signal at stage {k} step {step}; checkpoint {path}; "
-                        "continue with --resume_from_checkpoint latest",
-                        128 + self.stop.signum,
-                    )
-        prof.finish()
-        train_s = time.perf_counter() - t0
-        checksums = rank_checksums(plist, self.device)
-        if cfg.validation_prompt and sc.validation_steps:
-            self._validate(k, step, stats)
-        finish_trainable(k, params, self.text_encoder)
-        timing = {"train_seconds": round(train_s, 3), **peak_memory(self.device)}
-        self._save_stage(k, step, checksums, timing)
+        run.t0 = time.perf_counter()
+        return run
 
-    def _read_meter(self, meter: StepMeter, k: int, step: int, sc: StageConfig, bar) -> None:
-        """Log the means since the last read; stop if a loss or gradient was not finite."""
-        fresh = meter.steps > 0  # steps since the last read: nothing new to log otherwise
-        logs, bad = meter.read()
-        if bad is not None:
-            raise TrainingStopped(self._nan_message(k, bad[0], bad[1]), 3)
-        if not fresh:
-            return
-        logs["lr"] = sc.learning_rate
-        bar.set_postfix(
-            loss=f"{logs['loss']:.4f}", reg=f"{logs['reg']:.4g}", lr=f"{sc.learning_rate:.1e}"
-        )
-        self.acc.log({f"stage_{k}/{n}": v for n, v in logs.items()}, step=step)
-        self.last_logs = logs
+    def _backward(self, run: StageRun, micro: int, batch, sync: bool) -> None:
+        """One micro-batch: its text, denoising loss and regulariser, then backward.
+
+        DDP all-reduces the gradients only on the optimiser step's micro-batch (`sync`).
+        """
+        k, ga = run.sc.index, run.sc.gradient_accumulation_steps
+        wrapped = run.unet is not self.unet
+        no_sync = run.unet.no_sync() if wrapped and not sync else contextlib.nullcontext()
+        with no_sync, self._attention_backend():
+            seed = step_seed(self.cfg.seed, k, micro, self.acc.process_index)
+            gen = torch.Generator(self.device).manual_seed(seed)
+            with self._autocast():
+                ids = prompt_ids(self, k, micro, run.stats) if run.encodes else None
+                text = self.text_encoder(ids)[0] if ids is not None else run.text
+                mse, reg = self._losses(run.unet, batch, text, gen, run.stats, run.sc)
+                loss = (mse + reg) / ga
+            run.meter.add_micro(mse, reg, ga)
+            run.scaler.scale(loss).backward()
+
+    def _after_step(self, run: StageRun, due: Due) -> bool:
+        """Do what the schedule says is due after this step; True: the stage's loop ends."""
+        k, step = run.sc.index, run.step
+        if due.read:
+            self._read_meter(run.meter, k, step, run.sc, run.bar)  # the one host sync
+        if due.done:
+            return True
+        if due.checkpoint:
+            self._checkpoint(k, step, run.params, run.optimizer, run.scaler)
+        if due.validate:
+            self._validate(k, step, run.stats)
+        if due.ask_stop and stop_requested(self.stop, self.device):
+            self._read_meter(run.meter, k, step, run.sc, run.bar)  # never checkpoint a bad step
+            path = self._checkpoint(k, step, run.params, run.optimizer, run.scaler)
+            self.writer.wait()
+            raise TrainingStopped(
+                f"stopped by signal at stage {k} step {step}; checkpoint {path}; "
+                "launch the same command again to continue from it",
+                128 + self.stop.signum,
+            )
+        return False
+
+    def _end_stage(self, run: StageRun) -> None:
+        """Final validation, then the stage result (which supersedes its checkpoints)."""
+        k = run.sc.index
+        run.prof.finish()
+        train_s = time.perf_counter() - run.t0
+        checksums = rank_checksums(run.plist, self.device)
+        if self.cfg.validation_prompt and run.sc.validation_steps:
+            self._validate(k, run.step, run.stats)
+        finish_trainable(k, run.params, self.text_encoder)
+        timing = {"train_seconds": round(train_s, 3), **peak_memory(self.device)}
+        self._save_stage(k, run.step, checksums, timing)
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
         """Denoising MSE and attention regulariser for one micro-batch."""
@@ -336,73 +365,3 @@ class Trainer:
         return optimizer_step(optimizer, scaler, plist, self.cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ helpers
-    def _nan_message(self, k: int, step: int, what: str) -> str:
-        self.writer.wait()  # a checkpoint still being written is a good one
-        found = ck.list_checkpoints(self.run_dir)
-        last = str(found[-1]) if found else "none (no checkpoint written yet)"
-        return (
-            f"non-finite {what} at stage {k} step {step}; stopping without saving. "
-            f"Last good checkpoint: {last}. Try a lower learning rate or "
-            "--mixed_precision no"
-        )
-
-    def _checkpoint(self, k, step, params, optimizer, scaler) -> Path | None:
-        path = None
-        if self.acc.is_main_process:
-            extra = {"fingerprint": self.fingerprint(k), "scaler": scaler.state_dict()}
-            path = ck.save_checkpoint(
-                self.run_dir,
-                k,
-                step,
-                params.named,
-                optimizer,
-                extra,
-                self.cfg.checkpoints_total_limit,
-                snapshot=self.snapshot,
-                writer=self.writer,
-            )
-        self.acc.wait_for_everyone()
-        return path or self.run_dir / "checkpoints"
-
-    def _resume(self, path: Path, k: int, params, optimizer, scaler) -> int:
-        step = ck.restore_checkpoint(path, self.fingerprint(k), params.named, optimizer, scaler)
-        self.acc.print(f"stage {k}: resumed from {path} at step {step}")
-        return step
-
-    def _validate(self, k: int, step: int, stats: TokenStats) -> None:
-        if not self.cfg.validation_prompt:
-            return
-        if self.acc.is_main_process:
-            stats.active = False  # fused attention and no recording while sampling
-            try:
-                out = self.run_dir / "validation" / f"stage_{k}" / f"step_{step}.png"
-                render_validation(self, out)
-            finally:
-                stats.active = True
-        self.acc.wait_for_everyone()
-
-    def _save_stage(self, k: int, step: int, checksums: list, timing: dict) -> None:
-        self.writer.wait()  # the stage's last checkpoint is on disk before it is superseded
-        if self.acc.is_main_process:
-            info = {
-                "fingerprint": self.fingerprint(k),
-                "steps": step,
-                "path": str(rf.stage_dir(self.run_dir, k)),
-                "final_logs": getattr(self, "last_logs", {}),
-                "rank_checksums": checksums,
-                **timing,  # loop seconds and peak memory of this run of the stage
-            }
-            save_stage_result(
-                self.run_dir,
-                k,
-                self.cfg.placeholder_tokens,
-                self.unet,
-                self.text_encoder,
-                self.token_ids,
-                info,
-                text_encoder_trained=trains_text_encoder(self.cfg, k),
-            )
-            for old in ck.list_checkpoints(self.run_dir):  # superseded by the stage result
-                if old.name.startswith(f"checkpoint-s{k}-"):
-                    shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
