@@ -113,7 +113,8 @@ class RunConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = None  # the original's clip was a no-op; None keeps that
+    # The method's: none for the paper (the original's clip was a no-op), 1.0 for dreambooth
+    max_grad_norm: float | None = None
     noise_offset: float = 0.0
     enable_xformers_memory_efficient_attention: bool = False
     channels_last: bool = False
@@ -135,7 +136,11 @@ class RunConfig:
     identifier: str | None = None  # dreambooth: the rare existing word '{}' becomes
     prompt_templates: list[str] | None = None  # ti: one sampled per image instead of the prompt
     initializer_token: str | None = None  # initialises [V]; None: the category
-    flip_p: float = 0.25  # horizontal-flip probability of the augmentation (the authors')
+    # Augmentation, each method's reference's by default (train/methods.py): the authors' is
+    # RandomRotation(45) with p 0.75, then flip p 0.25; the diffusers examples never rotate.
+    flip_p: float = 0.25  # horizontal-flip probability
+    rotate_p: float = 0.75  # probability of a rotation (class images are never rotated)
+    rotate_degrees: float = 45.0  # uniform in [-d, d], canvas expanded, black corners
     validate_before_training: bool = False  # the authors validate at step 0 of every stage
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
@@ -227,7 +232,25 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--repeats", type=int, default=100, help="each photo's copies per epoch")
     g.add_argument("--skip_bad_images", action="store_true")
-    g.add_argument("--flip_p", type=float, default=0.25, help="horizontal-flip probability")
+    g.add_argument(
+        "--flip_p",
+        type=float,
+        default=None,
+        help="horizontal-flip probability (default: the method's; the paper's 0.25)",
+    )
+    g.add_argument(
+        "--rotate_p",
+        type=float,
+        default=None,
+        help="rotation probability (default: the method's; the paper's 0.75, 0 for "
+        "the diffusers examples' ti and dreambooth); class images are never rotated",
+    )
+    g.add_argument(
+        "--rotate_degrees",
+        type=float,
+        default=None,
+        help="rotations are uniform in [-d, d] (default: the method's; the paper's 45)",
+    )
     g = p.add_argument_group("the concept's token and prompts")
     g.add_argument(
         "--placeholder_token", "--object_token", dest="placeholder_token", default="new_concept",
@@ -264,7 +287,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "--max_grad_norm",
         type=float,
         default=None,
-        help="clip gradients (the original effectively did not)",
+        help="clip the gradient norm; 0: never (default: the method's: none for the paper, "
+        "whose original clip was a no-op; 1.0 for dreambooth, as its example)",
     )
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument(
@@ -334,8 +358,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--repeats: must be >= 1")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError("--checkpoints_total_limit: must be >= 1")
-    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
-        raise ConfigError("--max_grad_norm: must be > 0")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm < 0:
+        raise ConfigError("--max_grad_norm: must be >= 0 (0: no clipping)")
     needs = {
         "--use_8bit_adam": (cfg.use_8bit_adam, "bitsandbytes"),
         "--enable_xformers_memory_efficient_attention": (

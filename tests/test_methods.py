@@ -90,11 +90,56 @@ def test_stage_flags_override_presets_and_the_authors_switches(capsys):
         (["--identifier", "sks"], "--identifier"),
         (["--with_prior_preservation", "--class_data_dir", "d/sub"], "--class_data_dir"),
         (["--flip_p", "2"], "--flip_p"),
+        (["--rotate_p", "-0.1"], "--rotate_p"),
+        (["--rotate_degrees", "200"], "--rotate_degrees"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm"),
     ],
 )
 def test_bad_method_flags_are_one_line(argv, flag, run_train, capsys):
     line, _ = cli_error(run_train, capsys, [*BASE, "--category", "sloth", *argv])
     assert line.startswith(f"error: {flag}")
+
+
+def test_each_method_augments_and_clips_as_its_reference(capsys):
+    """The authors' rotation and flip for attndreambooth; the diffusers examples' for ti
+    (flip 0.5, no rotation) and dreambooth (resize and crop only, clip at 1.0)."""
+    keys = ("flip_p", "rotate_p", "rotate_degrees", "max_grad_norm")
+    plans = {m: _plan(capsys, "--method", m) for m in ("attndreambooth", "ti", "dreambooth")}
+    got = {m: tuple(p[k] for k in keys) for m, p in plans.items()}
+    assert got == {
+        "attndreambooth": (0.25, 0.75, 45.0, None),
+        "ti": (0.5, 0.0, 0.0, None),
+        "dreambooth": (0.0, 0.0, 0.0, 1.0),
+    }
+    own = _plan(capsys, "--method", "dreambooth", "--max_grad_norm", "0", "--rotate_p", "0.5",
+                "--rotate_degrees", "10")  # fmt: skip
+    assert (own["max_grad_norm"], own["rotate_p"], own["rotate_degrees"]) == (None, 0.5, 10.0)
+
+
+def _black_corners(x: torch.Tensor) -> bool:
+    """A rotated white image has black (-1) corners after the crop."""
+    return bool((x <= -0.99).all(dim=0).any())
+
+
+def test_rotation_follows_its_probability_and_class_images_are_never_rotated():
+    import random
+    from types import SimpleNamespace
+
+    from attn_utils.train.data import InstanceDataset, augment
+    from attn_utils.train.prior import with_class_images
+
+    white = Image.new("RGB", (48, 48), "white")
+    rotated = [_black_corners(augment(white, 32, False, random.Random(i))) for i in range(40)]
+    assert 20 <= sum(rotated) < 40  # the paper's p 0.75 (angles near 0 leave no corner)
+    never = [augment(white, 32, False, random.Random(i), rotate_p=0.0) for i in range(40)]
+    assert not any(_black_corners(x) for x in never)
+    cfg = SimpleNamespace(resolution=32, center_crop=False, seed=0, flip_p=0.25,
+                          rotate_p=1.0, rotate_degrees=45.0)  # fmt: skip
+    trainer = SimpleNamespace(cfg=cfg, prior=SimpleNamespace(images=[white] * 4))
+    instances = InstanceDataset([white], 32, False, 50, 0, 3, rotate_p=1.0)
+    pairs = with_class_images(trainer, instances, 3)
+    assert any(_black_corners(pairs[g][0]) for g in range(20))
+    assert not any(_black_corners(pairs[g][1]) for g in range(20))  # the class half
 
 
 def test_prior_loss_matches_slow_reference():

@@ -21,11 +21,17 @@ def _seed(*parts: int | str) -> int:
 
 
 def augment(
-    img: Image.Image, resolution: int, center_crop: bool, rng: random.Random, flip_p: float = 0.25
-):
-    """The original's augmentation; returns a (3, R, R) tensor in [-1, 1]."""
-    if rng.random() < 0.75:  # RandomRotation(45, expand=True), nearest, black fill
-        img = img.rotate(rng.uniform(-45.0, 45.0), resample=Image.NEAREST, expand=True)
+    img: Image.Image, resolution: int, center_crop: bool, rng: random.Random,
+    flip_p: float = 0.25, rotate_p: float = 0.75, rotate_degrees: float = 45.0,
+):  # fmt: skip
+    """The original's augmentation by default; returns a (3, R, R) tensor in [-1, 1].
+
+    The random draws happen whatever the probabilities, so a sample's crop does not depend on
+    whether rotation is on.
+    """
+    if rng.random() < rotate_p:  # RandomRotation(d, expand=True), nearest, black fill
+        angle = rng.uniform(-rotate_degrees, rotate_degrees)
+        img = img.rotate(angle, resample=Image.NEAREST, expand=True)
     w, h = img.size  # Resize(R): the shorter side to R, bilinear
     if w <= h:
         size = (resolution, max(resolution, int(resolution * h / w)))
@@ -51,9 +57,10 @@ class InstanceDataset(Dataset):
     """
 
     def __init__(self, images, resolution: int, center_crop: bool, repeats: int, seed: int,
-                 stage: int, flip_p: float = 0.25):  # fmt: skip
+                 stage: int, flip_p: float = 0.25, rotate_p: float = 0.75,
+                 rotate_degrees: float = 45.0):  # fmt: skip
         self.images = images
-        self.flip_p = flip_p
+        self.flip_p, self.rotate_p, self.rotate_degrees = flip_p, rotate_p, rotate_degrees
         self.resolution = resolution
         self.center_crop = center_crop
         self.epoch_len = len(images) * repeats
@@ -73,7 +80,8 @@ class InstanceDataset(Dataset):
         item = int(self._order(g // self.epoch_len)[g % self.epoch_len])
         rng = random.Random(_seed(self.seed, self.stage, "aug", g))
         img = self.images[item % len(self.images)]
-        return augment(img, self.resolution, self.center_crop, rng, self.flip_p)
+        return augment(img, self.resolution, self.center_crop, rng, self.flip_p, self.rotate_p,
+                       self.rotate_degrees)  # fmt: skip
 
 
 class StepBatches(Sampler):

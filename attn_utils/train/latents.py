@@ -29,9 +29,19 @@ class LatentPool:
         device,
         batch_size: int = 8,
         flip_p: float = 0.25,
+        rotate_p: float = 0.75,
+        rotate_degrees: float = 45.0,
     ) -> None:
         pixels = [
-            augment(img, resolution, center_crop, random.Random(_seed(seed, "pool", i, v)), flip_p)
+            augment(
+                img,
+                resolution,
+                center_crop,
+                random.Random(_seed(seed, "pool", i, v)),
+                flip_p,
+                rotate_p,
+                rotate_degrees,
+            )  # fmt: skip
             for v in range(variants)
             for i, img in enumerate(images)
         ]

@@ -20,14 +20,16 @@ def stage_loader(trainer, sc: StageConfig, start: int) -> DataLoader:
     cfg, acc, k = trainer.cfg, trainer.acc, sc.index
     if not cfg.cache_latents:
         dataset = InstanceDataset(
-            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, cfg.flip_p
-        )
+            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k,
+            cfg.flip_p, cfg.rotate_p, cfg.rotate_degrees,
+        )  # fmt: skip
     else:
         if trainer.pool is None:
             with trainer._autocast():
                 trainer.pool = LatentPool(
                     trainer.images, trainer.vae, cfg.resolution, cfg.center_crop,
                     cfg.cache_latents_variants, cfg.seed, trainer.device, flip_p=cfg.flip_p,
+                    rotate_p=cfg.rotate_p, rotate_degrees=cfg.rotate_degrees,
                 )  # fmt: skip
         dataset = PoolIndices(len(trainer.pool), cfg.seed, k)
     dataset = with_class_images(trainer, dataset, k)

@@ -58,6 +58,11 @@ DREAMBOOTH_STAGE_3 = dict(
     validation_steps=100,
     **NO_REG,
 )
+# The authors' transform; the diffusers examples never rotate: textual_inversion flips with
+# p 0.5, DreamBooth resizes and crops only (class images too).
+PAPER_AUGMENT = dict(flip_p=0.25, rotate_p=0.75, rotate_degrees=45.0)
+TI_AUGMENT = dict(flip_p=0.5, rotate_p=0.0, rotate_degrees=0.0)
+DREAMBOOTH_AUGMENT = dict(flip_p=0.0, rotate_p=0.0, rotate_degrees=0.0)
 TI_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/textual_inversion"
 DB_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/dreambooth"
 PAPER_SOURCE = "Pang et al., AttnDreamBooth, NeurIPS 2024 (arXiv 2406.05000), and its code"
@@ -74,11 +79,13 @@ class Recipe:
     templates: bool = False  # sample one of TI_OBJECT_TEMPLATES per image (stage 1)
     identifier: bool = False  # {} is an existing rare word: no token is added or learned
     prior: dict = field(default_factory=dict)  # prior-preservation presets
+    augment: dict = field(default_factory=lambda: dict(PAPER_AUGMENT))  # flip_p, rotate_*
+    max_grad_norm: float | None = None  # None: no clipping
 
 
 RECIPES = {
     "attndreambooth": Recipe("attndreambooth", dict(PAPER_STAGES), PAPER_SOURCE),
-    "ti": Recipe("ti", {1: TI_STAGE_1}, TI_SOURCE, templates=True),
+    "ti": Recipe("ti", {1: TI_STAGE_1}, TI_SOURCE, templates=True, augment=TI_AUGMENT),
     "dreambooth": Recipe(
         "dreambooth",
         {3: DREAMBOOTH_STAGE_3},
@@ -86,6 +93,8 @@ RECIPES = {
         prompt="a photo of {} {category}",  # the example's "a photo of sks dog"
         identifier=True,
         prior=dict(with_prior_preservation=True, num_class_images=200, prior_loss_weight=1.0),
+        augment=DREAMBOOTH_AUGMENT,
+        max_grad_norm=1.0,  # the example's --max_grad_norm default
     ),
     "ti_db": Recipe(
         "ti_db",
@@ -144,8 +153,12 @@ def method_fields(ns: argparse.Namespace, category: str, output_dir: str) -> dic
     templates = None
     if rec.templates:
         templates = [t.replace("{}", "{} " + category) for t in TI_OBJECT_TEMPLATES]
+    given = {k: getattr(ns, k) for k in rec.augment if getattr(ns, k) is not None}
+    clip = rec.max_grad_norm if ns.max_grad_norm is None else ns.max_grad_norm
     return dict(
         method=ns.method,
+        **{**rec.augment, **given},
+        max_grad_norm=clip or None,  # 0 on the command line: never clip
         instance_prompt=prompt,
         identifier=(ns.identifier or "sks") if rec.identifier else None,
         prompt_templates=templates,
@@ -169,8 +182,11 @@ def validate_method(cfg: RunConfig) -> None:
 
     if cfg.identifier is not None and (not cfg.identifier.strip() or " " in cfg.identifier):
         raise ConfigError("--identifier: must be one word, e.g. 'sks'")
-    if not 0.0 <= cfg.flip_p <= 1.0:
-        raise ConfigError("--flip_p: must be a probability in [0, 1]")
+    for flag in ("flip_p", "rotate_p"):
+        if not 0.0 <= getattr(cfg, flag) <= 1.0:
+            raise ConfigError(f"--{flag}: must be a probability in [0, 1]")
+    if not 0.0 <= cfg.rotate_degrees <= 180.0:
+        raise ConfigError("--rotate_degrees: must be in [0, 180]")
     check_text_encoder_flags(cfg)  # fills in its default lr
     if not cfg.with_prior_preservation:
         return
@@ -203,6 +219,8 @@ def recipe_identity(cfg: RunConfig) -> dict:
         ident["initializer"] = cfg.initializer_token
     if cfg.flip_p != 0.25:
         ident["flip_p"] = cfg.flip_p
+    if (cfg.rotate_p, cfg.rotate_degrees) != (0.75, 45.0):  # the paper's: older runs stay valid
+        ident["rotation"] = [cfg.rotate_p, cfg.rotate_degrees]
     if cfg.with_prior_preservation:
         ident["prior"] = [cfg.class_prompt, cfg.num_class_images, cfg.prior_loss_weight]
     ident.update(text_encoder_identity(cfg))  # {} unless --train_text_encoder

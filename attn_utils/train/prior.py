@@ -176,10 +176,11 @@ def with_class_images(trainer, dataset: Dataset, k: int) -> Dataset:
     if prior is None or k != PRIOR_STAGE:
         return dataset
     cfg = trainer.cfg
-    # Same augmentation as the instance images (the authors' code shares one transform);
-    # stage -k keeps the class stream's order and draws apart from the instance stream's.
+    # The instance images' crop and flip, never a rotation: rotated class images would teach
+    # the class prompt rotated pictures, against the prior the term exists to keep. Stage -k
+    # keeps the class stream's order and draws apart from the instance stream's.
     classes = InstanceDataset(
-        prior.images, cfg.resolution, cfg.center_crop, 1, cfg.seed, -k, cfg.flip_p
+        prior.images, cfg.resolution, cfg.center_crop, 1, cfg.seed, -k, cfg.flip_p, rotate_p=0.0
     )
     return InstanceAndClass(dataset, classes)
 
