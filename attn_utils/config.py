@@ -41,6 +41,15 @@ class StageConfig:
     validation_steps: int  # 0: never mid-stage
     gradient_accumulation_steps: int = 1
     checkpointing_steps: int = 0  # 0: only the stage result at the end
+    # Augmentation, the method's reference's (train/methods.py). The paper's is the authors':
+    # RandomRotation(45) with p 0.75, then flip p 0.25; the diffusers examples never rotate.
+    flip_p: float = 0.25  # horizontal-flip probability
+    rotate_p: float = 0.75  # probability of a rotation (class images are never rotated)
+    rotate_degrees: float = 45.0  # uniform in [-d, d], canvas expanded, black corners
+    max_grad_norm: float | None = None  # clip the gradient norm; None: never (the paper's)
+    templates: bool = False  # each sample's prompt is a Textual Inversion template
+    tune_embedding: bool = False  # a U-Net stage also trains [V]'s embedding (TI+DB)
+    embedding_learning_rate: float | None = None  # its rate (None: the stage's)
 
     @property
     def name(self) -> str:
@@ -113,7 +122,8 @@ class RunConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    # The method's: none for the paper (the original's clip was a no-op), 1.0 for dreambooth
+    # --max_grad_norm for every stage (None: each stage's own, the method's); in the
+    # fingerprint as before, so run folders of earlier versions stay valid
     max_grad_norm: float | None = None
     noise_offset: float = 0.0
     enable_xformers_memory_efficient_attention: bool = False
@@ -136,11 +146,6 @@ class RunConfig:
     identifier: str | None = None  # dreambooth: the rare existing word '{}' becomes
     prompt_templates: list[str] | None = None  # ti: one sampled per image instead of the prompt
     initializer_token: str | None = None  # initialises [V]; None: the category
-    # Augmentation, each method's reference's by default (train/methods.py): the authors' is
-    # RandomRotation(45) with p 0.75, then flip p 0.25; the diffusers examples never rotate.
-    flip_p: float = 0.25  # horizontal-flip probability
-    rotate_p: float = 0.75  # probability of a rotation (class images are never rotated)
-    rotate_degrees: float = 45.0  # uniform in [-d, d], canvas expanded, black corners
     validate_before_training: bool = False  # the authors validate at step 0 of every stage
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
@@ -381,6 +386,11 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"--{p}_{key}: must be >= 0")
         if s.learning_rate <= 0:
             raise ConfigError(f"--{p}_learning_rate: must be > 0")
+        for key in ("flip_p", "rotate_p"):
+            if not 0.0 <= getattr(s, key) <= 1.0:
+                raise ConfigError(f"--{key}: must be a probability in [0, 1]")
+        if not 0.0 <= s.rotate_degrees <= 180.0:
+            raise ConfigError("--rotate_degrees: must be in [0, 180]")
         if s.reg_mean_weight < 0 or s.reg_var_weight < 0:
             raise ConfigError(f"--{p}_reg_mean_weight / --{p}_reg_var_weight: must be >= 0")
 

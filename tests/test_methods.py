@@ -53,8 +53,21 @@ def test_dry_run_prints_each_recipe(capsys):
     assert db["with_prior_preservation"] and db["num_class_images"] == 200
     assert db["prior_loss_weight"] == 1.0 and db["class_prompt"] == "a photo of sloth"
     assert db["class_data_dir"] == "o/class_images" and "dreambooth" in db["method_source"]
-    tidb = _plan(capsys, "--method", "ti_db", "--fast")
-    assert _stages(tidb) == {1: (1e-3, 60, 8, 1, 0.0, 0.0), 3: (1e-5, 200, 4, 1, 0.0, 0.0)}
+    # the paper's TI+DB: the ti recipe, then the dreambooth recipe on [V], [V] still training
+    tidb = _plan(capsys, "--method", "ti_db")
+    assert _stages(tidb) == {1: _stages(ti)[1], 3: _stages(db)[3]}
+    s1, s3 = tidb["stages"]
+    assert s1["templates"] and not s3["templates"] and s3["tune_embedding"]
+    assert s3["embedding_learning_rate"] is None  # the stage's rate
+    assert (s1["flip_p"], s1["max_grad_norm"], s3["flip_p"], s3["max_grad_norm"]) == (
+        0.5, None, 0.0, 1.0)  # fmt: skip
+    assert tidb["with_prior_preservation"] and tidb["num_class_images"] == 200
+    assert tidb["instance_prompt"] == "a photo of {} sloth" and tidb["identifier"] is None
+    assert "textual_inversion" in tidb["method_source"] and "dreambooth" in tidb["method_source"]
+    frozen = _plan(capsys, "--method", "ti_db", "--no-tune_embedding",
+                   "--embedding_learning_rate", "1e-4")  # fmt: skip
+    assert not frozen["stages"][1]["tune_embedding"]
+    assert frozen["stages"][1]["embedding_learning_rate"] == 1e-4
 
 
 def test_stage_flags_override_presets_and_the_authors_switches(capsys):
@@ -74,7 +87,7 @@ def test_stage_flags_override_presets_and_the_authors_switches(capsys):
     assert plan["prior_loss_weight"] == 0.5 and plan["num_class_images"] == 100
     plan = _plan(capsys, "--initialize_token", "toy", "--offset_noise", "--flip_p", "0.5")
     assert (plan["category"], plan["initializer_token"]) == ("sloth", "toy")
-    assert plan["noise_offset"] == 0.1 and plan["flip_p"] == 0.5
+    assert plan["noise_offset"] == 0.1 and {s["flip_p"] for s in plan["stages"]} == {0.5}
     plan = _plan(capsys, "--method", "dreambooth", "--no-with_prior_preservation")
     assert not plan["with_prior_preservation"]
 
@@ -92,6 +105,13 @@ def test_stage_flags_override_presets_and_the_authors_switches(capsys):
         (["--flip_p", "2"], "--flip_p"),
         (["--rotate_p", "-0.1"], "--rotate_p"),
         (["--rotate_degrees", "200"], "--rotate_degrees"),
+        (["--method", "ti_db", "--fast"], "--fast"),
+        (["--tune_embedding"], "--tune_embedding"),
+        (
+            ["--method", "dreambooth", "--embedding_learning_rate", "1e-4"],
+            "--embedding_learning_rate",
+        ),
+        (["--method", "ti_db", "--embedding_learning_rate", "0"], "--embedding_learning_rate"),
         (["--max_grad_norm", "-1"], "--max_grad_norm"),
     ],
 )
@@ -105,14 +125,14 @@ def test_each_method_augments_and_clips_as_its_reference(capsys):
     (flip 0.5, no rotation) and dreambooth (resize and crop only, clip at 1.0)."""
     keys = ("flip_p", "rotate_p", "rotate_degrees", "max_grad_norm")
     plans = {m: _plan(capsys, "--method", m) for m in ("attndreambooth", "ti", "dreambooth")}
-    got = {m: tuple(p[k] for k in keys) for m, p in plans.items()}
+    got = {m: [tuple(s[k] for k in keys) for s in p["stages"]] for m, p in plans.items()}
     assert got == {
-        "attndreambooth": (0.25, 0.75, 45.0, None),
-        "ti": (0.5, 0.0, 0.0, None),
-        "dreambooth": (0.0, 0.0, 0.0, 1.0),
+        "attndreambooth": [(0.25, 0.75, 45.0, None)] * 3,
+        "ti": [(0.5, 0.0, 0.0, None)],
+        "dreambooth": [(0.0, 0.0, 0.0, 1.0)],
     }
     own = _plan(capsys, "--method", "dreambooth", "--max_grad_norm", "0", "--rotate_p", "0.5",
-                "--rotate_degrees", "10")  # fmt: skip
+                "--rotate_degrees", "10")["stages"][0]  # fmt: skip
     assert (own["max_grad_norm"], own["rotate_p"], own["rotate_degrees"]) == (None, 0.5, 10.0)
 
 
@@ -133,8 +153,8 @@ def test_rotation_follows_its_probability_and_class_images_are_never_rotated():
     assert 20 <= sum(rotated) < 40  # the paper's p 0.75 (angles near 0 leave no corner)
     never = [augment(white, 32, False, random.Random(i), rotate_p=0.0) for i in range(40)]
     assert not any(_black_corners(x) for x in never)
-    cfg = SimpleNamespace(resolution=32, center_crop=False, seed=0, flip_p=0.25,
-                          rotate_p=1.0, rotate_degrees=45.0)  # fmt: skip
+    cfg = SimpleNamespace(resolution=32, center_crop=False, seed=0,
+                          stage=lambda k: SimpleNamespace(flip_p=0.25))  # fmt: skip
     trainer = SimpleNamespace(cfg=cfg, prior=SimpleNamespace(images=[white] * 4))
     instances = InstanceDataset([white], 32, False, 50, 0, 3, rotate_p=1.0)
     pairs = with_class_images(trainer, instances, 3)
@@ -318,12 +338,10 @@ def runs(tmp_path_factory, tiny_model, concept) -> dict:
     root = tmp_path_factory.mktemp("methods")
     out = {}
     # Under the device emulation (tests/test_device.py): no project tensor without a device.
-    # ti_db also parks the text encoder on the CPU, as on a GPU, after its class prompt is read.
     with ForeignDefaultDevice() as mode:
         for method in ("ti", "dreambooth", "ti_db"):
             out[method] = root / method
-            extra = ["--offload_text_encoder"] if method == "ti_db" else []
-            argv = _argv(tiny_model, concept, out[method], method, *extra)
+            argv = _argv(tiny_model, concept, out[method], method)
             assert train_attndreambooth.main(argv) == 0
     assert mode.redirected == []
     return out
@@ -347,6 +365,12 @@ def test_each_method_trains_its_set_and_leaves_the_same_layout(runs, tiny_model)
     assert cfg["method"] == "dreambooth" and cfg["placeholder_tokens"] == ["sks"]
     assert (tidb / "stage_1").is_dir() and (tidb / "stage_3").is_dir()
     assert not (tidb / "stage_2").exists()
+    # TI+DB: [V] kept training with the U-Net; stage 3 holds its own copy of the embedding
+    first = load_file(str(tidb / "stage_1" / "learned_embeds.safetensors"))["new_concept_v0"]
+    later = load_file(str(tidb / "stage_3" / "learned_embeds.safetensors"))["new_concept_v0"]
+    assert not torch.equal(first, later) and torch.isfinite(later).all()
+    changed = {k for k, v in _unet(tidb / "stage_3").items() if not torch.equal(v, base[k])}
+    assert len(changed) > 0.9 * len(base)
     emb = load_file(str(ti / "stage_1" / "learned_embeds.safetensors"))
     assert list(emb) == ["new_concept_v0"]
 
@@ -372,6 +396,9 @@ def test_inference_renders_every_method(runs, method, tmp_path):
     prompt = (save / entry["dir"] / "prompt.txt").read_text().strip()
     concept = "sks sloth" if method == "dreambooth" else "new_concept_v0 sloth"
     assert prompt == f"a photo of {concept} on the beach"
+    if method != "dreambooth":  # the newest embedding: stage 3's for ti_db
+        stage = "stage_3" if method == "ti_db" else "stage_1"
+        assert index["settings"]["embedding_path"].endswith(f"{stage}/learned_embeds.safetensors")
     assert (save / entry["files"][0]).is_file()
 
 
@@ -390,7 +417,7 @@ def test_dreambooth_adds_no_token_and_ti_draws_a_template_per_sample(tiny_model)
     assert m.text_encoder.get_input_embeddings().weight.shape[0] == rows  # nothing added
     ti, _ = parse_args([*BASE, "--category", "sloth", "--method", "ti", "--ti_bs", "4"])
     ids = concept_token_ids(ti, m.tokenizer, m.text_encoder)
-    input_ids, columns = training_prompts(ti, m.tokenizer, ids)
+    input_ids, columns = training_prompts(ti, m.tokenizer, ids, templates=True)
     assert input_ids.shape == (27, 77) and columns.shape == (27, 2)
     fake = SimpleNamespace(
         input_ids=input_ids, columns=columns, cfg=ti,

@@ -98,6 +98,15 @@ def _run_stage(run: Path, stage: int | None, checkpoint_path: str | None):
     return stage, _unet_folder(stage_dir(run, stage), f"--stage {stage}")
 
 
+def _run_embedding(run: Path, stage: int) -> Path:
+    """The embedding a run's stage renders with: the newest completed stage up to it that
+    wrote one (stage 1's, or a U-Net stage's that trained it too: ti_db)."""
+    for k in range(stage, 0, -1):
+        if stage_info(run, k) is not None and (stage_dir(run, k) / EMBEDS_FILE).is_file():
+            return stage_dir(run, k) / EMBEDS_FILE
+    raise ConfigError(f"--run_dir: {stage_dir(run, 1)} is missing (stage 1 not done)")
+
+
 def resolve_source(
     run_dir: str | None = None,
     stage: int | None = None,
@@ -130,11 +139,9 @@ def resolve_source(
         tokens = cfg.placeholder_tokens
         if cfg.identifier is not None:  # dreambooth: a rare word of the vocabulary, no file
             category, tokens = " ".join([*tokens, category or ""]).strip(), []
-        elif embedding_path is None:
-            if stage_info(run, 1) is None:
-                raise ConfigError(f"--run_dir: {stage_dir(run, 1)} is missing (stage 1 not done)")
-            embedding_path = str(stage_dir(run, 1) / EMBEDS_FILE)
         stage, unet_path = _run_stage(run, stage, checkpoint_path)
+        if cfg.identifier is None and embedding_path is None:
+            embedding_path = str(_run_embedding(run, stage or 3))
     elif model is None:
         raise ConfigError("--run_dir or --pretrained_model_name_or_path: give one of them")
     check_model_source(model)

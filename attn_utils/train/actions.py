@@ -108,6 +108,7 @@ class StageActions:
                 self.token_ids,
                 info,
                 text_encoder_trained=trains_text_encoder(self.cfg, k),
+                embedding_trained=k >= 2 and self.cfg.stage(k).tune_embedding,
             )
             for old in ck.list_checkpoints(self.run_dir):  # superseded by the stage result
                 if old.name.startswith(f"checkpoint-s{k}-"):

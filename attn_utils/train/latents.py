@@ -32,6 +32,7 @@ class LatentPool:
         rotate_p: float = 0.75,
         rotate_degrees: float = 45.0,
     ) -> None:
+        self.augmentation = dict(flip_p=flip_p, rotate_p=rotate_p, rotate_degrees=rotate_degrees)
         pixels = [
             augment(
                 img,

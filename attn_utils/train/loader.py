@@ -18,18 +18,17 @@ def stage_loader(trainer, sc: StageConfig, start: int) -> DataLoader:
     With --cache_latents the pool is encoded on the first call and kept for later stages.
     """
     cfg, acc, k = trainer.cfg, trainer.acc, sc.index
+    aug = dict(flip_p=sc.flip_p, rotate_p=sc.rotate_p, rotate_degrees=sc.rotate_degrees)
     if not cfg.cache_latents:
         dataset = InstanceDataset(
-            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k,
-            cfg.flip_p, cfg.rotate_p, cfg.rotate_degrees,
-        )  # fmt: skip
+            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, **aug
+        )
     else:
-        if trainer.pool is None:
+        if trainer.pool is None or trainer.pool.augmentation != aug:  # a stage of its own
             with trainer._autocast():
                 trainer.pool = LatentPool(
                     trainer.images, trainer.vae, cfg.resolution, cfg.center_crop,
-                    cfg.cache_latents_variants, cfg.seed, trainer.device, flip_p=cfg.flip_p,
-                    rotate_p=cfg.rotate_p, rotate_degrees=cfg.rotate_degrees,
+                    cfg.cache_latents_variants, cfg.seed, trainer.device, **aug,
                 )  # fmt: skip
         dataset = PoolIndices(len(trainer.pool), cfg.seed, k)
     dataset = with_class_images(trainer, dataset, k)

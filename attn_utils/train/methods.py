@@ -40,29 +40,35 @@ from attn_utils.train.text_training import (
 NO_REG = dict(reg_mean_weight=0.0, reg_var_weight=0.0)
 # diffusers textual_inversion README: batch 1 x accumulation 4, lr 5e-4 with --scale_lr
 # (x accumulation x batch x processes), 3000 steps, constant lr. Scaled here for one process.
+# The example flips with p 0.5 and never rotates; each sample's prompt is a template.
 TI_STAGE_1 = dict(
     learning_rate=5e-4 * 4 * 1,
     train_steps=3000,
     batch_size=1,
     gradient_accumulation_steps=4,
     validation_steps=100,  # the example's --validation_steps default
+    flip_p=0.5,
+    rotate_p=0.0,
+    rotate_degrees=0.0,
+    templates=True,
     **NO_REG,
 )
 # diffusers DreamBooth README: lr 5e-6, batch 1, no accumulation, 800 steps with prior
 # preservation (200 class images, weight 1.0), constant lr; 2e-6 when the text encoder trains.
+# The example resizes and crops only (class images too) and clips at norm 1.0.
 DREAMBOOTH_STAGE_3 = dict(
     learning_rate=5e-6,
     train_steps=800,
     batch_size=1,
     gradient_accumulation_steps=1,
     validation_steps=100,
+    flip_p=0.0,
+    rotate_p=0.0,
+    rotate_degrees=0.0,
+    max_grad_norm=1.0,  # the example's --max_grad_norm default
     **NO_REG,
 )
-# The authors' transform; the diffusers examples never rotate: textual_inversion flips with
-# p 0.5, DreamBooth resizes and crops only (class images too).
-PAPER_AUGMENT = dict(flip_p=0.25, rotate_p=0.75, rotate_degrees=45.0)
-TI_AUGMENT = dict(flip_p=0.5, rotate_p=0.0, rotate_degrees=0.0)
-DREAMBOOTH_AUGMENT = dict(flip_p=0.0, rotate_p=0.0, rotate_degrees=0.0)
+DREAMBOOTH_PRIOR = dict(with_prior_preservation=True, num_class_images=200, prior_loss_weight=1.0)
 TI_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/textual_inversion"
 DB_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/dreambooth"
 PAPER_SOURCE = "Pang et al., AttnDreamBooth, NeurIPS 2024 (arXiv 2406.05000), and its code"
@@ -76,30 +82,30 @@ class Recipe:
     stages: dict[int, dict]
     source: str
     prompt: str = "a photo of a {} {category}"  # default --instance_prompt
-    templates: bool = False  # sample one of TI_OBJECT_TEMPLATES per image (stage 1)
     identifier: bool = False  # {} is an existing rare word: no token is added or learned
     prior: dict = field(default_factory=dict)  # prior-preservation presets
-    augment: dict = field(default_factory=lambda: dict(PAPER_AUGMENT))  # flip_p, rotate_*
-    max_grad_norm: float | None = None  # None: no clipping
 
 
 RECIPES = {
     "attndreambooth": Recipe("attndreambooth", dict(PAPER_STAGES), PAPER_SOURCE),
-    "ti": Recipe("ti", {1: TI_STAGE_1}, TI_SOURCE, templates=True, augment=TI_AUGMENT),
+    "ti": Recipe("ti", {1: TI_STAGE_1}, TI_SOURCE),
     "dreambooth": Recipe(
         "dreambooth",
         {3: DREAMBOOTH_STAGE_3},
         DB_SOURCE,
         prompt="a photo of {} {category}",  # the example's "a photo of sks dog"
         identifier=True,
-        prior=dict(with_prior_preservation=True, num_class_images=200, prior_loss_weight=1.0),
-        augment=DREAMBOOTH_AUGMENT,
-        max_grad_norm=1.0,  # the example's --max_grad_norm default
+        prior=DREAMBOOTH_PRIOR,
     ),
+    # The paper's TI+DB: Textual Inversion, then DreamBooth's fine-tuning on the learned token,
+    # the embedding still training (the paper's analysis: it "remains largely unchanged").
     "ti_db": Recipe(
         "ti_db",
-        {1: {**PAPER_STAGES[1], **NO_REG}, 3: {**PAPER_STAGES[3], **NO_REG}},
-        "the paper's TI+DB baseline: our stage 1, then our stage 3, without the regulariser",
+        {1: TI_STAGE_1, 3: {**DREAMBOOTH_STAGE_3, "tune_embedding": True}},
+        f"the paper's TI+DB: the ti recipe ({TI_SOURCE}), then the dreambooth recipe "
+        f"({DB_SOURCE}) on [V], its embedding training too",
+        prompt="a photo of {} {category}",
+        prior=DREAMBOOTH_PRIOR,
     ),
 }
 
@@ -124,7 +130,37 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior_loss_weight", type=float, default=None, help="default 1.0")
     g.add_argument("--sample_batch_size", type=int, default=4, help="class-image generation")
     g.add_argument("--class_inference_steps", type=int, default=50, help="class-image sampler")
+    g.add_argument(
+        "--tune_embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ti_db: [V]'s embedding keeps training in the U-Net stage (default: on, as the "
+        "paper's TI+DB; --no-tune_embedding freezes it)",
+    )
+    g.add_argument(
+        "--embedding_learning_rate",
+        type=float,
+        default=None,
+        help="ti_db: the embedding's rate in the U-Net stage (default: that stage's)",
+    )
     add_text_encoder_flags(g)
+
+
+def _stage_overrides(ns: argparse.Namespace, idx: int, preset: dict) -> dict:
+    """What the global flags set in every stage: augmentation, clipping, the embedding."""
+    out = {k: getattr(ns, k) for k in ("flip_p", "rotate_p", "rotate_degrees")}
+    out = {k: v for k, v in out.items() if v is not None}
+    if ns.max_grad_norm is not None:
+        out["max_grad_norm"] = ns.max_grad_norm or None  # 0: never clip
+    tunes = "tune_embedding" in preset
+    for flag in ("tune_embedding", "embedding_learning_rate"):
+        if getattr(ns, flag) is not None and not tunes and idx == 3:
+            raise ConfigError(f"--{flag}: only --method ti_db trains the embedding with the U-Net")
+    if tunes and ns.tune_embedding is not None:
+        out["tune_embedding"] = ns.tune_embedding
+    if tunes and ns.embedding_learning_rate is not None:
+        out["embedding_learning_rate"] = ns.embedding_learning_rate
+    return out
 
 
 def stage_presets(method: str, fast: bool) -> dict[int, dict]:
@@ -132,7 +168,7 @@ def stage_presets(method: str, fast: bool) -> dict[int, dict]:
     rec = RECIPES[method]
     out = {i: dict(v) for i, v in rec.stages.items()}
     if fast:
-        if method not in ("attndreambooth", "ti_db"):
+        if method != "attndreambooth":
             raise ConfigError(f"--fast: the paper's fast stage 3, not part of --method {method}")
         out[3].update(FAST_STAGE_3)
     return out
@@ -151,14 +187,10 @@ def method_fields(ns: argparse.Namespace, category: str, output_dir: str) -> dic
     if ns.identifier is not None and not rec.identifier:
         raise ConfigError(f"--identifier: only --method dreambooth uses it, not {ns.method}")
     templates = None
-    if rec.templates:
+    if any(s.get("templates") for s in rec.stages.values()):
         templates = [t.replace("{}", "{} " + category) for t in TI_OBJECT_TEMPLATES]
-    given = {k: getattr(ns, k) for k in rec.augment if getattr(ns, k) is not None}
-    clip = rec.max_grad_norm if ns.max_grad_norm is None else ns.max_grad_norm
     return dict(
         method=ns.method,
-        **{**rec.augment, **given},
-        max_grad_norm=clip or None,  # 0 on the command line: never clip
         instance_prompt=prompt,
         identifier=(ns.identifier or "sks") if rec.identifier else None,
         prompt_templates=templates,
@@ -182,11 +214,14 @@ def validate_method(cfg: RunConfig) -> None:
 
     if cfg.identifier is not None and (not cfg.identifier.strip() or " " in cfg.identifier):
         raise ConfigError("--identifier: must be one word, e.g. 'sks'")
-    for flag in ("flip_p", "rotate_p"):
-        if not 0.0 <= getattr(cfg, flag) <= 1.0:
-            raise ConfigError(f"--{flag}: must be a probability in [0, 1]")
-    if not 0.0 <= cfg.rotate_degrees <= 180.0:
-        raise ConfigError("--rotate_degrees: must be in [0, 180]")
+    for s in cfg.stages:
+        if s.embedding_learning_rate is not None and s.embedding_learning_rate <= 0:
+            raise ConfigError("--embedding_learning_rate: must be > 0")
+        if s.tune_embedding and cfg.offload_text_encoder:
+            raise ConfigError(
+                "--offload_text_encoder: ti_db's U-Net stage encodes [V] every step (its "
+                "embedding trains); add --no-tune_embedding to freeze it and park the encoder"
+            )
     check_text_encoder_flags(cfg)  # fills in its default lr
     if not cfg.with_prior_preservation:
         return
@@ -217,10 +252,6 @@ def recipe_identity(cfg: RunConfig) -> dict:
         ident.update(method=cfg.method, identifier=cfg.identifier, templates=cfg.prompt_templates)
     if cfg.initializer_token and cfg.initializer_token != cfg.category:
         ident["initializer"] = cfg.initializer_token
-    if cfg.flip_p != 0.25:
-        ident["flip_p"] = cfg.flip_p
-    if (cfg.rotate_p, cfg.rotate_degrees) != (0.75, 45.0):  # the paper's: older runs stay valid
-        ident["rotation"] = [cfg.rotate_p, cfg.rotate_degrees]
     if cfg.with_prior_preservation:
         ident["prior"] = [cfg.class_prompt, cfg.num_class_images, cfg.prior_loss_weight]
     ident.update(text_encoder_identity(cfg))  # {} unless --train_text_encoder
@@ -244,9 +275,9 @@ def concept_token_ids(cfg: RunConfig, tokenizer, text_encoder) -> list[int]:
     return add_placeholder_tokens(tokenizer, text_encoder, cfg.placeholder_tokens, init)
 
 
-def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int]):
-    """(input_ids (P, 77), regularisation columns (P, K)) of the P training prompts:
-    the instance prompt (P = 1) or the Textual Inversion templates."""
+def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int], templates: bool = False):
+    """(input_ids (P, 77), regularisation columns (P, K)) of the P training prompts of a stage:
+    the instance prompt (P = 1) or, in a stage with `templates`, the Textual Inversion ones."""
     from attn_utils.method.tokens import fill_prompt, regularisation_columns
 
     rows = [
@@ -257,7 +288,7 @@ def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int]):
             cfg.category,
             cfg.reg_category_target == "all",
         )
-        for t in cfg.prompt_templates or [cfg.instance_prompt]
+        for t in (cfg.prompt_templates if templates else None) or [cfg.instance_prompt]
     ]
     return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
@@ -297,6 +328,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
                 )
             continue
         vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
+        vals.update(_stage_overrides(ns, idx, presets[idx]))
         stages.append(StageConfig(index=idx, **vals))
     # Every other field is the flag of the same name.
     same = {f.name for f in dataclasses.fields(RunConfig)} & set(vars(ns))

@@ -46,8 +46,9 @@ def place_models(trainer) -> None:
     if cfg.compile_vae and not cfg.cache_latents:  # a pool encodes once: nothing to gain
         _persistent_inductor_cache()
         trainer.vae.encoder.compile()  # the per-step encode; decoding (validation) stays eager
-    trainer.input_ids = trainer.input_ids.to(device)
-    trainer.columns = trainer.columns.to(device)  # read by every cross-attention layer
+    trainer.prompts = {  # the columns are read by every cross-attention layer
+        k: (ids.to(device), cols.to(device)) for k, (ids, cols) in trainer.prompts.items()
+    }
 
 
 def compile_unet(unet, mode: str) -> None:

@@ -180,7 +180,14 @@ def with_class_images(trainer, dataset: Dataset, k: int) -> Dataset:
     # the class prompt rotated pictures, against the prior the term exists to keep. Stage -k
     # keeps the class stream's order and draws apart from the instance stream's.
     classes = InstanceDataset(
-        prior.images, cfg.resolution, cfg.center_crop, 1, cfg.seed, -k, cfg.flip_p, rotate_p=0.0
+        prior.images,
+        cfg.resolution,
+        cfg.center_crop,
+        1,
+        cfg.seed,
+        -k,
+        cfg.stage(k).flip_p,
+        rotate_p=0.0,
     )
     return InstanceAndClass(dataset, classes)
 

@@ -76,24 +76,25 @@ def fused_adamw_available(params: list[torch.nn.Parameter]) -> bool:
     return all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
 
 
+# The per-stage settings added later, with the values runs had before they existed: a stage
+# at these values hashes as it did, so run folders of earlier versions stay valid.
+LATER_STAGE_KEYS = dict(
+    flip_p=0.25, rotate_p=0.75, rotate_degrees=45.0, max_grad_norm=None, templates=False,
+    tune_embedding=False, embedding_learning_rate=None,
+)  # fmt: skip
+STAGE_IDENTITY = ("index", "learning_rate", "train_steps", "batch_size", "reg_mean_weight",
+                  "reg_var_weight", "gradient_accumulation_steps")  # fmt: skip
+
+
+def _stage_identity(s: StageConfig) -> dict:
+    out = {k: getattr(s, k) for k in STAGE_IDENTITY}
+    out.update({k: getattr(s, k) for k, old in LATER_STAGE_KEYS.items() if getattr(s, k) != old})
+    return out
+
+
 def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, world: int):
     """Everything that determines a stage's math; resuming across a change is refused."""
-    plan = [
-        {
-            k: getattr(s, k)
-            for k in (
-                "index",
-                "learning_rate",
-                "train_steps",
-                "batch_size",
-                "reg_mean_weight",
-                "reg_var_weight",
-                "gradient_accumulation_steps",
-            )
-        }
-        for s in cfg.stages
-        if s.index <= stage
-    ]
+    plan = [_stage_identity(s) for s in cfg.stages if s.index <= stage]
     ident = dict(
         plan=plan,
         data=data_fp,

@@ -37,20 +37,27 @@ class StageParams:
     embedding: PlaceholderEmbedding | None  # stage 1 only
 
 
-def select_trainable(stage: int, unet, text_encoder, token_ids: list[int]) -> StageParams:
-    """Freeze everything, then unfreeze exactly this stage's parameters (docs/method.md)."""
+def select_trainable(
+    stage: int, unet, text_encoder, token_ids: list[int], tune_embedding: bool = False
+) -> StageParams:
+    """Freeze everything, then unfreeze exactly this stage's parameters (docs/method.md);
+    `tune_embedding` adds [V]'s rows to a U-Net stage (TI+DB)."""
     for p in list(unet.parameters()) + list(text_encoder.parameters()):
         p.requires_grad_(False)
-    if stage == 1:
+    emb = None
+    if stage == 1 or tune_embedding:
         emb = install_placeholder_embedding(text_encoder, token_ids)
         emb.learned.requires_grad_(True)
+    if stage == 1:
         return StageParams({"learned_embeds": emb.learned}, emb)
     named = {
         n: p for n, p in unet.named_parameters() if stage == 3 or "attn2" in n
     }  # stage 2: to_q, to_k, to_v, to_out.0 of every cross-attention layer
     for p in named.values():
         p.requires_grad_(True)
-    return StageParams(named, None)
+    if emb is not None:
+        named["learned_embeds"] = emb.learned
+    return StageParams(named, emb)
 
 
 def finish_trainable(stage: int, params: StageParams, text_encoder) -> None:
@@ -71,15 +78,16 @@ def save_stage_result(
     token_ids: list[int],
     info: dict,
     text_encoder_trained: bool = False,
+    embedding_trained: bool = False,
 ) -> Path:
-    """Write stage_<k>/ atomically: the embedding file or the U-Net (and the trained text
-    encoder), then stage_info.json."""
+    """Write stage_<k>/ atomically: the embedding file (stage 1, or a U-Net stage that trained
+    it too), the U-Net (and the trained text encoder), then stage_info.json."""
 
     def write(tmp: Path) -> None:
-        if stage == 1:
+        if stage == 1 or embedding_trained:
             rows = text_encoder.get_input_embeddings().weight.detach()[token_ids]
             save_embeddings(tmp / EMBEDS_FILE, tokens, rows)
-        else:
+        if stage != 1:
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
             if text_encoder_trained:
                 save_text_encoder(tmp, text_encoder)
@@ -93,13 +101,14 @@ def load_stage_result(
 ) -> None:
     """Fold a completed stage's result into the resident models."""
     d = stage_dir(run_dir, stage)
-    if stage == 1:
+    if stage == 1 or (d / EMBEDS_FILE).is_file():  # a U-Net stage's: the embedding trained too
         dim = text_encoder.get_input_embeddings().weight.shape[1]
         data = load_embeddings(d / EMBEDS_FILE, dim=dim)
         missing = [t for t in tokens if t not in data]
         if missing:
             raise ConfigError(f"{d / EMBEDS_FILE}: has no entry for {missing[0]!r}")
         set_embeddings(text_encoder, token_ids, torch.stack([data[t] for t in tokens]))
+    if stage == 1:
         return
     weights = d / "unet" / "diffusion_pytorch_model.safetensors"
     load_weights_into(unet, weights, "U-Net", f"stage {stage} result")

@@ -113,7 +113,12 @@ class Trainer(StageActions):
         self.unet, self.noise_scheduler = m.unet, m.noise_scheduler
         self.token_ids = concept_token_ids(cfg, self.tokenizer, self.text_encoder)
         # (P, 77), (P, K): the instance prompt, or (--method ti) one row per template
-        self.input_ids, self.columns = training_prompts(cfg, self.tokenizer, self.token_ids)
+        # per stage: (P, 77) ids and (P, K) columns; the one instance prompt, or the templates
+        self.prompts = {
+            s.index: training_prompts(cfg, self.tokenizer, self.token_ids, s.templates)
+            for s in cfg.stages
+        }
+        self.input_ids, self.columns = self.prompts[cfg.stages[0].index]  # the stage's, below
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self.text_cache = None  # (1, 77, D) encoder output for stages 2-3
         self.validation_embeds = None  # (prompt, negative) embeddings once the encoder rests
@@ -251,11 +256,20 @@ class Trainer(StageActions):
         """The stage's trainable set, optimiser, resumed state, data and bookkeeping."""
         cfg, acc, k = self.cfg, self.acc, sc.index
         self.snapshot = HostSnapshot()  # this stage's tensors: the last one's buffers go
-        params = select_trainable(k, self.unet, self.text_encoder, self.token_ids)
-        plist = list(params.named.values())
+        self.stage_cfg = sc
+        self.input_ids, self.columns = self.prompts[k]
+        params = select_trainable(k, self.unet, self.text_encoder, self.token_ids,
+                                  sc.tune_embedding)  # fmt: skip
+        tuned = params.embedding if k >= 2 else None  # ti_db: [V] trains with the U-Net
+        plist = [p for p in params.named.values() if tuned is None or p is not tuned.learned]
         optimizer = build_optimizer(plist, sc, cfg)
+        if tuned is not None:  # its own rate, in its own group
+            lr = sc.embedding_learning_rate or sc.learning_rate
+            optimizer.add_param_group({"params": [tuned.learned], "lr": lr})
+            plist.append(tuned.learned)
         plist += unfreeze_text_encoder(self, k, params, optimizer)  # [] unless it trains
-        te = trains_text_encoder(cfg, k)  # then every micro-step encodes with gradients
+        # the text encoder then runs every micro-step, with gradients
+        encodes = k == 1 or trains_text_encoder(cfg, k) or tuned is not None
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
         if resume is not None and resume.name.startswith(f"checkpoint-s{k}-"):
@@ -272,8 +286,8 @@ class Trainer(StageActions):
                    disable=not acc.is_main_process, dynamic_ncols=True)  # fmt: skip
         run = StageRun(
             sc=sc, params=params, plist=plist, optimizer=optimizer, scaler=scaler, unet=unet,
-            text=self._cached_text() if k >= 2 and not te else None,  # frozen, fixed prompt
-            encodes=k == 1 or te, loader=stage_loader(self, sc, start), stats=stats,
+            text=None if encodes else self._cached_text(),  # frozen encoder, fixed prompt
+            encodes=encodes, loader=stage_loader(self, sc, start), stats=stats,
             meter=StepMeter(self.device), schedule=Schedule(sc, cfg.logging_steps,
                                                             acc.num_processes),
             bar=bar, start=start, step=start,
@@ -362,6 +376,6 @@ class Trainer(StageActions):
             torch.distributed.all_reduce(g)
             g.div_(self.acc.num_processes)
         sync_text_encoder_grads(params, self.acc.num_processes)  # DDP wraps the U-Net only
-        return optimizer_step(optimizer, scaler, plist, self.cfg.max_grad_norm)
+        return optimizer_step(optimizer, scaler, plist, self.stage_cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ helpers
