@@ -56,5 +56,7 @@ class Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(flag, self.flags(), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else f" (see {self.prog} --help)"
             message = f"{flag}: unknown flag{hint}"
+        # "argument --a/--b: why" -> "--a: why", as every other error line of ours
+        message = re.sub(r"^argument (--[^\s:/]+)(?:/[^\s:]+)?: ", r"\1: ", message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -276,11 +276,13 @@ def test_concepts_file_and_methods_errors(tmp_path, concept):
         read_concepts(f)
     with pytest.raises(ConfigError, match="--methods: unknown method 'neti'"):
         make_variants(["attndreambooth", "neti"], [1, 3])
-    rows = make_variants(["attndreambooth", "ti", "dreambooth", "ti_db"], [1, 3])
+    rows = make_variants(["attndreambooth", "ti", "dreambooth", "ti_db", "no_stage3"], [1, 3])
     assert [(v.name, v.method, v.stage) for v in rows] == [
         ("stage_1", "attndreambooth", 1), ("stage_3", "attndreambooth", 3),
         ("ti", "ti", 1), ("dreambooth", "dreambooth", 3), ("ti_db", "ti_db", 3),
+        ("no_stage3", "no_stage3", 2),  # an ablation renders its last stage
     ]  # fmt: skip
+    assert rows[-1].label == "AttnDreamBooth without stage 3"
     assert [v.name for v in make_variants(["attndreambooth"], [1, 2, 3])] == [
         "stage_1",
         "stage_2",
@@ -309,12 +311,14 @@ def test_shared_train_args_keep_only_what_a_method_has():
         "3",
     ]
     db = method_train_args(args, "dreambooth")  # stage 3 only
-    assert "--ti_train_steps" not in db and "--unet_train_steps" in db and "--fast" in db
+    assert "--ti_train_steps" not in db and "--unet_train_steps" in db and "--fast" not in db
     assert method_train_args(args, "attndreambooth") == args
+    assert "--fast" in method_train_args(args, "no_stage2")  # the paper's stage 3
+    assert "--fast" not in method_train_args(args, "no_stage3")
 
 
 def test_study_rows_for_the_baselines(tiny_model, concept, tmp_path):
-    """TI and DreamBooth trained by the same CLI, rendered and scored beside AttnDreamBooth."""
+    """TI, DreamBooth and an ablation trained by the same CLI, rendered and scored as rows."""
     clip, dino = build_tiny_clip(tmp_path / "clip"), build_tiny_dino(tmp_path / "dino")
     (tmp_path / "c.json").write_text(json.dumps([{"dir": str(concept), "category": "sloth"}]))
     (tmp_path / "p.txt").write_text("a {} on the beach\n")
@@ -322,14 +326,16 @@ def test_study_rows_for_the_baselines(tiny_model, concept, tmp_path):
     db = "dreambooth=--num_class_images 2 --sample_batch_size 2 --class_inference_steps 1"
     argv = ["study", "--concepts", tmp_path / "c.json", "--prompts", tmp_path / "p.txt",
             "--out", out, "--pretrained_model_name_or_path", tiny_model, "--clip_model", clip,
-            "--dino_model", dino, "--num_images_per_prompt", 1, "--methods", "ti,dreambooth",
+            "--dino_model", dino, "--num_images_per_prompt", 1, "--methods",
+            "ti,dreambooth,no_stage1",
             "--train_args", ONE_STEP + " --ti_ga 1", "--infer_args", FAST_RENDER,
             "--method_args", db]  # fmt: skip
     runner = InProcess()
     assert evaluate.main([str(a) for a in argv], runner=runner) == 0
-    assert runner.calls == ["train_attndreambooth.py"] * 2 + ["inference.py"] * 2
+    assert runner.calls == ["train_attndreambooth.py"] * 3 + ["inference.py"] * 3
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["variant"] for r in summary["rows"]] == ["ti", "dreambooth"]
+    assert [r["variant"] for r in summary["rows"]] == ["ti", "dreambooth", "no_stage1"]
+    assert (out / "concepts" / concept.name / "run-no_stage1" / "stage_3").is_dir()
     c = out / "concepts" / concept.name
     assert (c / "run-ti" / "stage_1").is_dir() and not (c / "run-ti" / "stage_3").exists()
     assert (c / "run-dreambooth" / "stage_3").is_dir() and (

@@ -431,3 +431,80 @@ def test_dreambooth_adds_no_token_and_ti_draws_a_template_per_sample(tiny_model)
     assert len(drawn) > 10  # the templates vary across samples
     for row, cols in zip(prompt_ids(fake, 1, 0, stats), stats.columns):  # columns follow the row
         assert row[cols[0]].item() == ids[0]
+
+
+ABLATION_STAGES = {"no_stage1": [2, 3], "no_stage2": [1, 3], "no_stage3": [1, 2],
+                   "no_reg": [1, 2, 3], "no_stage2_no_reg": [1, 3]}  # fmt: skip
+
+
+def test_the_papers_ablations_are_recipes_of_the_same_machinery(capsys):
+    paper = _stages(_plan(capsys))
+    for name, stages in ABLATION_STAGES.items():
+        plan = _plan(capsys, "--method", name)
+        got = _stages(plan)
+        assert sorted(got) == stages == plan["run_stages"], name
+        no_reg = "no_reg" in name
+        for k, values in got.items():  # everything else is the paper's
+            assert values[:4] == paper[k][:4], (name, k)
+            assert values[4:] == ((0.0, 0.0) if no_reg else paper[k][4:]), (name, k)
+        assert "ablation" in plan["method_source"]
+    assert _stages(_plan(capsys, "--method", "no_stage2", "--fast"))[3][:3] == (1e-5, 200, 4)
+
+
+def test_an_unknown_method_is_one_line_listing_the_ablations(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_attndreambooth.main([*BASE, "--category", "sloth", "--method", "no_stage4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --method: invalid choice: 'no_stage4'") and "no_reg" in err[0]
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--method", "no_stage3", "--fast"], "--fast"),
+    (["--method", "no_reg", "--train_text_encoder"], "--train_text_encoder"),
+    (["--method", "no_stage1", "--ti_train_steps", "5"], "--ti_train_steps"),
+])  # fmt: skip
+def test_bad_ablation_flags_are_one_line(argv, flag, run_train, capsys):
+    line, _ = cli_error(run_train, capsys, [*BASE, "--category", "sloth", *argv])
+    assert line.startswith(f"error: {flag}")
+
+
+@pytest.fixture(scope="module")
+def ablation_runs(tmp_path_factory, tiny_model, concept) -> dict:
+    root, out = tmp_path_factory.mktemp("ablations"), {}
+    steps = ["--ti_train_steps", "2", "--attn_train_steps", "2", "--unet_train_steps", "2",
+             "--ti_bs", "2", "--attn_bs", "2", "--unet_bs", "2"]  # fmt: skip
+    for name, stages in ABLATION_STAGES.items():
+        out[name] = root / name
+        flags = _own_stage_flags(steps, stages)
+        argv = ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir",
+                str(concept), "--category", TINY_CATEGORY, "--output_dir", str(out[name]),
+                "--resolution", str(TINY_RESOLUTION), "--method", name, *flags]  # fmt: skip
+        assert train_attndreambooth.main(argv) == 0, name
+    return out
+
+
+def _own_stage_flags(steps: list[str], stages: list[int]) -> list[str]:
+    """The --ti_/--attn_/--unet_ flag pairs of the stages a recipe has."""
+    prefix = {1: "--ti_", 2: "--attn_", 3: "--unet_"}
+    pairs = list(zip(steps[::2], steps[1::2]))
+    return [x for f, v in pairs if any(f.startswith(prefix[k]) for k in stages) for x in (f, v)]
+
+
+@pytest.mark.parametrize("name", sorted(ABLATION_STAGES))
+def test_every_ablation_trains_and_renders(ablation_runs, name, tiny_model, tmp_path):
+    run = ablation_runs[name]
+    stages = ABLATION_STAGES[name]
+    assert [k for k in (1, 2, 3) if (run / f"stage_{k}" / "stage_info.json").is_file()] == stages
+    if name == "no_stage1":  # [V] as initialised, written beside the first U-Net
+        emb = load_file(str(run / "stage_2" / "learned_embeds.safetensors"))["new_concept_v0"]
+        assert (
+            torch.isfinite(emb).all()
+            and not (run / "stage_3" / "learned_embeds.safetensors").exists()
+        )
+    save = tmp_path / "out"
+    argv = ["--run_dir", str(run), "--prompt", "a photo of {}", "--save_dir", str(save),
+            "--num_images_per_prompt", "1", "--num_inference_steps", "2"]  # fmt: skip
+    assert inference.main(argv) == 0
+    settings = json.loads((save / "index.json").read_text())["settings"]
+    assert settings["stage"] == max(stages)

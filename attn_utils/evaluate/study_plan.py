@@ -20,15 +20,16 @@ from pathlib import Path
 from attn_utils.config import STAGE_NAMES, ConfigError
 from attn_utils.images import shown
 from attn_utils.render.renderer import read_prompt_file
-from attn_utils.train.methods import stage_presets
+from attn_utils.train.methods import ABLATIONS, RECIPES, stage_presets
 
 ROOT = Path(__file__).resolve().parents[2]  # train_attndreambooth.py and inference.py live here
-METHODS = ("attndreambooth", "ti", "dreambooth", "ti_db")  # train_attndreambooth.py --method
-# The stage whose result a baseline's row renders, and its label.
+METHODS = tuple(RECIPES)  # train_attndreambooth.py --method: methods and ablations
+# The stage whose result a baseline's or an ablation's row renders (its last), and its label.
 BASELINES = {
     "ti": (1, "Textual Inversion"),
     "dreambooth": (3, "DreamBooth (prior preservation)"),
     "ti_db": (3, "TI+DB"),
+    **{name: (max(stages), f"AttnDreamBooth {what}") for name, (stages, what) in ABLATIONS.items()},
 }
 RESUME = ["--resume_from_checkpoint", "latest"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -131,7 +132,8 @@ def make_variants(methods: list[str], stages: list[int]) -> list[Variant]:
 
 def method_train_args(args: list[str], method: str) -> list[str]:
     """The shared --train_args a method accepts: per-stage flags of the stages it lacks
-    (e.g. --attn_train_steps for ti) and --fast without a stage 3 are left out."""
+    (e.g. --attn_train_steps for ti) and --fast where it is not the paper's stage 3 are left
+    out."""
     absent = [p for i, p in STAGE_NAMES.items() if i not in stage_presets(method, False)]
     out, skip = [], False
     for a in args:
@@ -142,7 +144,8 @@ def method_train_args(args: list[str], method: str) -> list[str]:
         if any(flag.startswith(f"--{p}_") for p in absent):
             skip = "=" not in a  # its value is the next word
             continue
-        if flag == "--fast" and "unet" in absent:
+        papers = method == "attndreambooth" or method in ABLATIONS
+        if flag == "--fast" and ("unet" in absent or not papers):
             continue
         out.append(a)
     return out

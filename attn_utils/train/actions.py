@@ -15,6 +15,7 @@ from attn_utils.config import StageConfig
 from attn_utils.method.capture import TokenStats
 from attn_utils.train import checkpoint as ck
 from attn_utils.train.meter import StepMeter
+from attn_utils.train.methods import writes_embedding
 from attn_utils.train.runtime import TrainingStopped
 from attn_utils.train.stages import save_stage_result
 from attn_utils.train.text_training import trains_text_encoder
@@ -108,7 +109,7 @@ class StageActions:
                 self.token_ids,
                 info,
                 text_encoder_trained=trains_text_encoder(self.cfg, k),
-                embedding_trained=k >= 2 and self.cfg.stage(k).tune_embedding,
+                embedding_trained=writes_embedding(self.cfg, k),
             )
             for old in ck.list_checkpoints(self.run_dir):  # superseded by the stage result
                 if old.name.startswith(f"checkpoint-s{k}-"):

@@ -108,12 +108,36 @@ RECIPES = {
         prior=DREAMBOOTH_PRIOR,
     ),
 }
+# The paper's ablation figure: AttnDreamBooth with one part removed, everything else its own.
+# Without stage 1, [V] keeps its initialisation (the category's embedding) and the first
+# stage writes it beside its U-Net; without the regulariser every weight is 0.
+ABLATIONS = {
+    "no_stage1": ({2: PAPER_STAGES[2], 3: PAPER_STAGES[3]}, "without stage 1"),
+    "no_stage2": ({1: PAPER_STAGES[1], 3: PAPER_STAGES[3]}, "without stage 2"),
+    "no_stage3": ({1: PAPER_STAGES[1], 2: PAPER_STAGES[2]}, "without stage 3"),
+    "no_reg": ({k: {**v, **NO_REG} for k, v in PAPER_STAGES.items()}, "without the regulariser"),
+    # the recipe ti_db had before it became the paper's TI+DB
+    "no_stage2_no_reg": (
+        {1: {**PAPER_STAGES[1], **NO_REG}, 3: {**PAPER_STAGES[3], **NO_REG}},
+        "without stage 2 and without the regulariser",
+    ),
+}
+for _name, (_stages, _what) in ABLATIONS.items():
+    RECIPES[_name] = Recipe(_name, _stages, f"ablation of the paper's figure: AttnDreamBooth "
+                            f"{_what} ({PAPER_SOURCE})")  # fmt: skip
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
     """--method and the prior-preservation flags (names as in the diffusers examples)."""
     g = p.add_argument_group("method and prior preservation (docs/methods.md)")
-    g.add_argument("--method", choices=list(RECIPES), default="attndreambooth")
+    g.add_argument(
+        "--method",
+        choices=list(RECIPES),
+        default="attndreambooth",
+        help="the paper's method, a baseline (ti, dreambooth, ti_db: the paper's TI+DB) or an "
+        "ablation of the paper's figure (no_stage1, no_stage2, no_stage3, no_reg; "
+        "no_stage2_no_reg)",
+    )
     g.add_argument(
         "--identifier", default=None, help="dreambooth: the rare existing word (default 'sks')"
     )
@@ -168,7 +192,7 @@ def stage_presets(method: str, fast: bool) -> dict[int, dict]:
     rec = RECIPES[method]
     out = {i: dict(v) for i, v in rec.stages.items()}
     if fast:
-        if method != "attndreambooth":
+        if method != "attndreambooth" and (method not in ABLATIONS or 3 not in out):
             raise ConfigError(f"--fast: the paper's fast stage 3, not part of --method {method}")
         out[3].update(FAST_STAGE_3)
     return out
@@ -242,6 +266,16 @@ def validate_method(cfg: RunConfig) -> None:
             f"--class_data_dir: {cfg.class_data_dir} overlaps --instance_data_dir; class "
             "images must never mix with instance images"
         )
+
+
+def writes_embedding(cfg: RunConfig, stage: int) -> bool:
+    """Does this U-Net stage's result hold [V]'s embedding? When [V] trained in it (ti_db),
+    and in the first stage of a recipe without stage 1 (no_stage1), whose [V] is the
+    initialised one: inference finds it there."""
+    if stage == 1 or cfg.identifier is not None:
+        return False
+    first = min(s.index for s in cfg.stages)
+    return cfg.stage(stage).tune_embedding or (first != 1 and stage == first)
 
 
 def recipe_identity(cfg: RunConfig) -> dict:

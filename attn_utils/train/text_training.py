@@ -51,8 +51,11 @@ def check_text_encoder_flags(cfg: RunConfig) -> None:
                 "--text_encoder_learning_rate: only means something with --train_text_encoder"
             )
         return
-    if cfg.method in REFUSED:
-        raise ConfigError(f"--train_text_encoder: {REFUSED[cfg.method]}")
+    if cfg.method != "dreambooth":  # the ablations are AttnDreamBooth's: never trained
+        why = REFUSED.get(
+            cfg.method, REFUSED["attndreambooth"].replace("attndreambooth", cfg.method)
+        )
+        raise ConfigError(f"--train_text_encoder: {why}")
     if STAGE not in cfg.run_stages:
         raise ConfigError(f"--train_text_encoder: trains in stage {STAGE}, not in --stages")
     if cfg.offload_text_encoder:
