@@ -169,7 +169,7 @@ def run(ns: argparse.Namespace) -> int:
         check_export_dir(ns.export_pipeline)
     device, dtype = pick_device(ns.device, ns.dtype)
     scheduler = SCHEDULERS[ns.infer_scheduler.lower()]
-    jobs = make_jobs(templates, src.tokens, src.category)
+    jobs = make_jobs(templates, src.tokens, src.prompt_category)
     concept = load_concept(src)
     log.info("U-Net: %s", src.unet_path or f"base model {src.model}")
     log.info("text encoder: %s", src.text_encoder_path or f"base model {src.model}")
@@ -205,7 +205,7 @@ def run(ns: argparse.Namespace) -> int:
         "seed_policy": "image i of every prompt starts from torch.randn on the CPU seeded seed + i",
         "versions": library_versions(),
     }
-    Renderer(pipe, opts, concept.token_ids, src.category).render(jobs, ns.save_dir, settings)
+    Renderer(pipe, opts, concept.token_ids, src.prompt_category).render(jobs, ns.save_dir, settings)
     print(f"done: {len(jobs)} prompt(s) x {opts.num_images_per_prompt} in {ns.save_dir}")
     return 0
 

@@ -104,6 +104,7 @@ def finished(cfg: RunConfig) -> str:
     made = [rf.stage_dir(run, k) for k in (1, 2, 3) if rf.stage_info(run, k) is not None]
     weights = [d / rf.EMBEDS_FILE if d.name == "stage_1" else d / "unet" for d in made]
     prompt = "a {} in the snow"
+    concept = tokens if cfg.token_alone else f"{tokens} {cfg.category}"
     command = [
         "python", "inference.py", "--run_dir", str(run), "--prompt", prompt,
         "--save_dir", str(run / "samples"),
@@ -111,7 +112,7 @@ def finished(cfg: RunConfig) -> str:
     return "\n".join([
         f"done: {run}",
         f"  learned token: {tokens} (write {{}} in a prompt: {prompt!r} renders as "
-        f"{prompt.format(f'{tokens} {cfg.category}')!r})",
+        f"{prompt.format(concept)!r})",
         "  weights: " + ", ".join(str(w) for w in weights),
         "  render: " + shlex.join(command),
     ])  # fmt: skip

@@ -145,6 +145,8 @@ class RunConfig:
     method: str = "attndreambooth"  # attndreambooth | ti | dreambooth | ti_db
     identifier: str | None = None  # dreambooth: the rare existing word '{}' becomes
     prompt_templates: list[str] | None = None  # ti: one sampled per image instead of the prompt
+    num_vectors: int | None = None  # ti: N vectors, all from the initialiser (the example's)
+    token_alone: bool = False  # ti: prompts hold [V] without the category (the example's)
     initializer_token: str | None = None  # initialises [V]; None: the category
     validate_before_training: bool = False  # the authors validate at step 0 of every stage
     with_prior_preservation: bool = False

@@ -508,3 +508,51 @@ def test_every_ablation_trains_and_renders(ablation_runs, name, tiny_model, tmp_
     assert inference.main(argv) == 0
     settings = json.loads((save / "index.json").read_text())["settings"]
     assert settings["stage"] == max(stages)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--method", "ti", "--num_vectors", "0"], "--num_vectors"),
+    (["--method", "dreambooth", "--num_vectors", "2"], "--num_vectors"),
+    (["--method", "ti", "--num_vectors", "2", "--n_object_embedding", "2"], "--num_vectors"),
+    (["--token_alone"], "--token_alone"),
+    (["--method", "ti", "--token_alone", "--ti_reg_mean_weight", "0.1"], "--token_alone"),
+])  # fmt: skip
+def test_bad_ti_flags_are_one_line(argv, flag, run_train, capsys):
+    line, _ = cli_error(run_train, capsys, [*BASE, "--category", "sloth", *argv])
+    assert line.startswith(f"error: {flag}")
+
+
+def test_num_vectors_start_from_the_initialiser_and_need_one_token(tiny_model):
+    from attn_utils.method.tokens import add_placeholder_tokens, category_token_ids
+    from attn_utils.models import load_base_model
+
+    m = load_base_model(str(tiny_model))
+    table = m.text_encoder.get_input_embeddings().weight
+    (init,) = category_token_ids(m.tokenizer, TINY_CATEGORY)
+    ids = add_placeholder_tokens(m.tokenizer, m.text_encoder, ["v0", "v1", "v2"], TINY_CATEGORY,
+                                 all_from_one=True)  # fmt: skip
+    table = m.text_encoder.get_input_embeddings().weight
+    assert all(torch.equal(table[i], table[init]) for i in ids)
+    with pytest.raises(ConfigError, match="--num_vectors: .*2 tokens"):
+        two = "sloth sloth"
+        add_placeholder_tokens(m.tokenizer, m.text_encoder, ["w0", "w1"], two, all_from_one=True)
+
+
+def test_ti_with_several_vectors_and_the_token_alone_trains_and_renders(
+    tiny_model, concept, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = _argv(tiny_model, concept, out, "ti", "--num_vectors", "2", "--token_alone")
+    capsys.readouterr()
+    assert train_attndreambooth.main(argv) == 0
+    assert "renders as 'a new_concept_v0 new_concept_v1 in the snow'" in capsys.readouterr().out
+    emb = load_file(str(out / "stage_1" / "learned_embeds.safetensors"))
+    assert sorted(emb) == ["new_concept_v0", "new_concept_v1"]
+    assert not torch.equal(emb["new_concept_v0"], emb["new_concept_v1"])  # trained apart
+    save = tmp_path / "render"
+    assert inference.main(["--run_dir", str(out), "--prompt", "a photo of {} on the beach",
+                           "--save_dir", str(save), "--num_images_per_prompt", "1",
+                           "--num_inference_steps", "2"]) == 0  # fmt: skip
+    (entry,) = json.loads((save / "index.json").read_text())["prompts"].values()
+    prompt = (save / entry["dir"] / "prompt.txt").read_text().strip()
+    assert prompt == "a photo of new_concept_v0 new_concept_v1 on the beach"  # no category

@@ -19,14 +19,25 @@ def category_token_ids(tokenizer, category: str) -> list[int]:
     return tokenizer(category, add_special_tokens=False).input_ids
 
 
-def add_placeholder_tokens(tokenizer, text_encoder, tokens: list[str], category: str) -> list[int]:
+def add_placeholder_tokens(
+    tokenizer, text_encoder, tokens: list[str], category: str, all_from_one: bool = False
+) -> list[int]:
     """Add the placeholder tokens, resize the embedding table, initialise from the category.
 
-    Token i is initialised from the category's i-th sub-token (docs/method.md: the first n of them).
+    Token i is initialised from the category's i-th sub-token (docs/method.md: the first n of
+    them); with `all_from_one` (Textual Inversion's --num_vectors) every token from the
+    initialiser, which must then be one token.
     """
     init_ids = category_token_ids(tokenizer, category)
     if not init_ids:
         raise ConfigError(f"--category: {category!r} gives no tokens")
+    if all_from_one:
+        if len(init_ids) != 1:
+            raise ConfigError(
+                f"--num_vectors: every vector starts from the initialiser, and {category!r} is "
+                f"{len(init_ids)} tokens; give a one-token --initialize_token"
+            )
+        init_ids = init_ids * len(tokens)
     if len(tokens) > len(init_ids):
         raise ConfigError(
             f"--n_object_embedding: {len(tokens)} placeholder tokens but --category {category!r} "
@@ -107,7 +118,7 @@ def remove_placeholder_embedding(text_encoder, module: PlaceholderEmbedding) -> 
 
 
 def prompt_positions(
-    tokenizer, prompt: str, placeholder_ids: list[int], category: str
+    tokenizer, prompt: str, placeholder_ids: list[int], category: str | None
 ) -> tuple[torch.Tensor, int, int]:
     """Tokenise the training prompt; return (input_ids (1, 77), s, c).
 
@@ -134,8 +145,10 @@ def prompt_positions(
     s = row.index(placeholder_ids[0])
     if row[s : s + k] != placeholder_ids:
         raise ConfigError("--instance_prompt: the placeholder tokens are not contiguous")
-    cat = category_token_ids(tokenizer, category)
     c = s + k
+    if category is None:  # [V] alone in the prompt: there is no target to regularise toward
+        return ids, s, c
+    cat = category_token_ids(tokenizer, category)
     if row[c : c + len(cat)] != cat:
         raise ConfigError(
             f"--instance_prompt: the category {category!r} must directly follow '{{}}' "
@@ -145,15 +158,19 @@ def prompt_positions(
 
 
 def regularisation_columns(
-    tokenizer, prompt: str, placeholder_ids: list[int], category: str, all_sub_tokens: bool
+    tokenizer, prompt: str, placeholder_ids: list[int], category: str | None, all_sub_tokens: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids (1, 77), columns (1, k + m)) of the training prompt.
 
     The columns are the k placeholder positions, then the category's first sub-token (m = 1,
     the original's target) or all m of its sub-tokens (--reg_category_target all); they are
     contiguous because prompt_positions checks that the category follows the placeholders.
+    Without a category in the prompt (category None) m = 0: nothing to regularise toward.
     """
     ids, s, _ = prompt_positions(tokenizer, prompt, placeholder_ids, category)
-    m = len(category_token_ids(tokenizer, category)) if all_sub_tokens else 1
+    if category is None:
+        m = 0
+    else:
+        m = len(category_token_ids(tokenizer, category)) if all_sub_tokens else 1
     cols = torch.arange(s, s + len(placeholder_ids) + m, device=ids.device).unsqueeze(0)
     return ids, cols

@@ -49,6 +49,12 @@ class ConceptSource:
     local_files_only: bool = False
     run_dir: str | None = None
     text_encoder_path: str | None = None  # a trained text encoder's folder; None: the base's
+    token_alone: bool = False  # '{}' becomes [V] without the category (ti --token_alone)
+
+    @property
+    def prompt_category(self) -> str | None:
+        """What follows [V] where a prompt says '{}'."""
+        return None if self.token_alone and self.tokens else self.category
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +132,7 @@ def resolve_source(
     if stage is not None and checkpoint_path is not None:
         raise ConfigError("--stage and --checkpoint_path: give one of them")
     tokens: list[str] = []
-    unet_path = None
+    unet_path, token_alone = None, False
     if run_dir is not None:
         run = Path(run_dir)
         if not run.is_dir():
@@ -136,7 +142,7 @@ def resolve_source(
         revision = revision or cfg.revision
         category = category or cfg.category
         local_files_only = local_files_only or cfg.local_files_only
-        tokens = cfg.placeholder_tokens
+        tokens, token_alone = cfg.placeholder_tokens, cfg.token_alone
         if cfg.identifier is not None:  # dreambooth: a rare word of the vocabulary, no file
             category, tokens = " ".join([*tokens, category or ""]).strip(), []
         stage, unet_path = _run_stage(run, stage, checkpoint_path)
@@ -176,6 +182,7 @@ def resolve_source(
         local_files_only=local_files_only,
         run_dir=None if run_dir is None else str(run_dir),
         text_encoder_path=text_encoder_path,
+        token_alone=token_alone,
     )
 
 

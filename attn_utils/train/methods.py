@@ -155,6 +155,19 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_batch_size", type=int, default=4, help="class-image generation")
     g.add_argument("--class_inference_steps", type=int, default=50, help="class-image sampler")
     g.add_argument(
+        "--num_vectors",
+        type=int,
+        default=None,
+        help="ti: learn N vectors for [V], all initialised from the initialiser "
+        "token (the example's --num_vectors; default 1)",
+    )
+    g.add_argument(
+        "--token_alone",
+        action="store_true",
+        help="ti: prompts hold [V] without the category word, as the example's "
+        "('a photo of a [V]'); inference renders {} the same way",
+    )
+    g.add_argument(
         "--tune_embedding",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -210,12 +223,23 @@ def method_fields(ns: argparse.Namespace, category: str, output_dir: str) -> dic
             raise ConfigError(f"--{flag}: only means something with --with_prior_preservation")
     if ns.identifier is not None and not rec.identifier:
         raise ConfigError(f"--identifier: only --method dreambooth uses it, not {ns.method}")
+    for flag in ("num_vectors", "token_alone"):
+        if getattr(ns, flag) not in (None, False) and ns.method != "ti":
+            raise ConfigError(f"--{flag}: only --method ti uses it, not {ns.method}")
+    if ns.num_vectors is not None and ns.n_object_embedding != 1:
+        raise ConfigError("--num_vectors: give it or --n_object_embedding, not both")
+    if ns.token_alone and ns.instance_prompt is None:
+        prompt = "a photo of a {}"
     templates = None
     if any(s.get("templates") for s in rec.stages.values()):
-        templates = [t.replace("{}", "{} " + category) for t in TI_OBJECT_TEMPLATES]
+        after = "" if ns.token_alone else " " + category
+        templates = [t.replace("{}", "{}" + after) for t in TI_OBJECT_TEMPLATES]
     return dict(
         method=ns.method,
         instance_prompt=prompt,
+        num_vectors=ns.num_vectors,
+        n_object_embedding=ns.num_vectors or ns.n_object_embedding,
+        token_alone=ns.token_alone,
         identifier=(ns.identifier or "sks") if rec.identifier else None,
         prompt_templates=templates,
         with_prior_preservation=with_prior,
@@ -238,6 +262,12 @@ def validate_method(cfg: RunConfig) -> None:
 
     if cfg.identifier is not None and (not cfg.identifier.strip() or " " in cfg.identifier):
         raise ConfigError("--identifier: must be one word, e.g. 'sks'")
+    if cfg.num_vectors is not None and cfg.num_vectors < 1:
+        raise ConfigError("--num_vectors: must be >= 1")
+    if cfg.token_alone and any(s.reg_mean_weight or s.reg_var_weight for s in cfg.stages):
+        raise ConfigError(
+            "--token_alone: the attention regulariser needs the category after [V] in the prompt"
+        )
     for s in cfg.stages:
         if s.embedding_learning_rate is not None and s.embedding_learning_rate <= 0:
             raise ConfigError("--embedding_learning_rate: must be > 0")
@@ -284,6 +314,8 @@ def recipe_identity(cfg: RunConfig) -> dict:
     ident = {}
     if cfg.method != "attndreambooth":
         ident.update(method=cfg.method, identifier=cfg.identifier, templates=cfg.prompt_templates)
+    if cfg.num_vectors is not None:
+        ident["num_vectors"] = cfg.num_vectors
     if cfg.initializer_token and cfg.initializer_token != cfg.category:
         ident["initializer"] = cfg.initializer_token
     if cfg.with_prior_preservation:
@@ -306,7 +338,9 @@ def concept_token_ids(cfg: RunConfig, tokenizer, text_encoder) -> list[int]:
             raise ConfigError(f"--identifier: {cfg.identifier!r} gives no tokens")
         return ids
     init = cfg.initializer_token or cfg.category
-    return add_placeholder_tokens(tokenizer, text_encoder, cfg.placeholder_tokens, init)
+    return add_placeholder_tokens(
+        tokenizer, text_encoder, cfg.placeholder_tokens, init, cfg.num_vectors is not None
+    )
 
 
 def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int], templates: bool = False):
@@ -319,7 +353,7 @@ def training_prompts(cfg: RunConfig, tokenizer, token_ids: list[int], templates:
             tokenizer,
             fill_prompt(t, cfg.placeholder_tokens),
             token_ids,
-            cfg.category,
+            None if cfg.token_alone else cfg.category,
             cfg.reg_category_target == "all",
         )
         for t in (cfg.prompt_templates if templates else None) or [cfg.instance_prompt]
