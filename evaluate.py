@@ -88,8 +88,8 @@ def build_study_parser() -> argparse.ArgumentParser:
         "--methods",
         default="attndreambooth",
         help="comma-separated --method names: attndreambooth (its rows are its --stages), the "
-        "baselines ti, dreambooth, ti_db and the ablations no_stage1, no_stage2, no_stage3, "
-        "no_reg, no_stage2_no_reg (one row each)",
+        "baselines ti, dreambooth, ti_db, CoRe (core) and the ablations no_stage1, no_stage2, "
+        "no_stage3, no_reg, no_stage2_no_reg (one row each)",
     )
     p.add_argument(
         "--stages", default="1,3", help="AttnDreamBooth rows: stages to render (1 is TI-like)"

@@ -50,6 +50,11 @@ class StageConfig:
     templates: bool = False  # each sample's prompt is a Textual Inversion template
     tune_embedding: bool = False  # a U-Net stage also trains [V]'s embedding (TI+DB)
     embedding_learning_rate: float | None = None  # its rate (None: the stage's)
+    # CoRe's stage 1 (train/core.py): its two context losses and its norm hold window
+    context_embedding_weight: float = 0.0
+    context_attention_weight: float = 0.0
+    norm_hold_start: int = 0  # the step whose norm is kept (0: no hold)
+    norm_hold_end: int = 0  # the last step after which [V] is rescaled to it
 
     @property
     def name(self) -> str:
@@ -147,6 +152,7 @@ class RunConfig:
     prompt_templates: list[str] | None = None  # ti: one sampled per image instead of the prompt
     num_vectors: int | None = None  # ti: N vectors, all from the initialiser (the example's)
     token_alone: bool = False  # ti: prompts hold [V] without the category (the example's)
+    core_prompts: str | None = None  # core: the regularisation prompt file
     initializer_token: str | None = None  # initialises [V]; None: the category
     validate_before_training: bool = False  # the authors validate at step 0 of every stage
     with_prior_preservation: bool = False

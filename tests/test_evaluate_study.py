@@ -283,6 +283,10 @@ def test_concepts_file_and_methods_errors(tmp_path, concept):
         ("no_stage3", "no_stage3", 2),  # an ablation renders its last stage
     ]  # fmt: skip
     assert rows[-1].label == "AttnDreamBooth without stage 3"
+    from attn_utils.evaluate.study_plan import METHODS
+
+    every = make_variants([m for m in METHODS if m != "attndreambooth"], [3])
+    assert len(every) == len(METHODS) - 1 and all(v.stage in (1, 2, 3) for v in every)
     assert [v.name for v in make_variants(["attndreambooth"], [1, 2, 3])] == [
         "stage_1",
         "stage_2",

@@ -337,13 +337,24 @@ def _argv(model, data, out, method, *extra) -> list[str]:
 def runs(tmp_path_factory, tiny_model, concept) -> dict:
     root = tmp_path_factory.mktemp("methods")
     out = {}
+    from attn_utils.train import trainer as trainer_module
+
+    real_step, clips = trainer_module.optimizer_step, {}
+
+    def recording(optimizer, scaler, params, max_grad_norm):  # the clip each update gets
+        clips.setdefault(method, set()).add(max_grad_norm)
+        return real_step(optimizer, scaler, params, max_grad_norm)
+
     # Under the device emulation (tests/test_device.py): no project tensor without a device.
-    with ForeignDefaultDevice() as mode:
+    with ForeignDefaultDevice() as mode, pytest.MonkeyPatch.context() as m:
+        m.setattr(trainer_module, "optimizer_step", recording)
         for method in ("ti", "dreambooth", "ti_db"):
             out[method] = root / method
             argv = _argv(tiny_model, concept, out[method], method)
             assert train_attndreambooth.main(argv) == 0
     assert mode.redirected == []
+    # dreambooth clips at 1.0 as its example; ti never; ti_db as each recipe it combines
+    assert clips == {"ti": {None}, "dreambooth": {1.0}, "ti_db": {None, 1.0}}
     return out
 
 

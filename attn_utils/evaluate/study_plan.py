@@ -29,6 +29,7 @@ BASELINES = {
     "ti": (1, "Textual Inversion"),
     "dreambooth": (3, "DreamBooth (prior preservation)"),
     "ti_db": (3, "TI+DB"),
+    "core": (3, "CoRe"),
     **{name: (max(stages), f"AttnDreamBooth {what}") for name, (stages, what) in ABLATIONS.items()},
 }
 RESUME = ["--resume_from_checkpoint", "latest"]

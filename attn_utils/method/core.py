@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from attn_utils.method.capture import Controller
+from attn_utils.method.losses import denoising_loss
+from attn_utils.method.step import noisy_latents
 
 CLIP_EOT_ID = 49407  # <|endoftext|> of the CLIP tokenizer (SD 1.x also pads with it)
 NORM_HOLD_START = 120  # the step whose norm is recorded (the authors' recipe)
@@ -224,3 +226,35 @@ class NormHold:
             self.norms = record_norm(vectors)
         if holds_norm(step, self.start, self.end) and self.norms is not None:
             rescale_to(vectors, self.norms)
+
+
+def core_losses(
+    unet, scheduler, latents: torch.Tensor, text: torch.Tensor, gen: torch.Generator,
+    h_v: torch.Tensor, h_c: torch.Tensor, pos_v: torch.Tensor, pos_c: torch.Tensor,
+    means: ContextMeans, embedding_weight: float, attention_weight: float,
+    noise_offset: float = 0.0, channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(denoising MSE, CoRe's regulariser) of one stage-1 micro-batch.
+
+    latents (B, 4, h, w); text (1 or B, 77, D), the training prompt's encoding; h_v, h_c
+    (1, 77, D), a regularisation prompt with [V] and with the category; pos_v, pos_c (P,) their
+    aligned context positions. The same noisy latents and timesteps then go through the U-Net
+    with h_v and with h_c, `means` (installed by capture_cross_attention, inactive otherwise)
+    recording their context tokens' attention. Regulariser = embedding_weight x context
+    embedding loss + attention_weight x context attention loss.
+    """
+    b = latents.shape[0]
+    noisy, t, target = noisy_latents(scheduler, latents, gen, noise_offset, channels_last)
+    means.active = False  # fused attention for the denoising forward
+    mse = denoising_loss(unet(noisy, t, text.expand(b, -1, -1)).sample, target)
+    recorded = []
+    try:
+        means.active = True
+        for h, pos in ((h_v, pos_v), (h_c, pos_c)):
+            means.positions = pos
+            unet(noisy, t, h.expand(b, -1, -1))  # only the attention maps are used
+            recorded.append(means.take())
+    finally:
+        means.active = False
+    reg = embedding_weight * context_embedding_loss(h_v, h_c, pos_v, pos_c)
+    return mse, reg + attention_weight * context_attention_loss(*recorded)

@@ -16,6 +16,30 @@ def encode_latents(vae, pixels: torch.Tensor, gen: torch.Generator) -> torch.Ten
     return dist.sample(generator=gen).float() * vae.config.scaling_factor
 
 
+def noisy_latents(
+    scheduler, latents: torch.Tensor, gen: torch.Generator, noise_offset: float = 0.0,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(noisy latents, timesteps (B,), target) of one micro-batch: noise (with its offset),
+    timesteps uniform in [0, num_train_timesteps), target epsilon or velocity as the
+    scheduler is configured. The draws come from `gen` in this order."""
+    b, device = latents.shape[0], latents.device
+    noise = torch.randn(latents.shape, generator=gen, device=device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (b, latents.shape[1], 1, 1), generator=gen, device=device
+        )
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    if channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    return noisy, t, target
+
+
 def denoise_losses(
     unet,
     scheduler,
@@ -41,19 +65,7 @@ def denoise_losses(
     sees the instance samples only (the class prompt has no placeholder).
     """
     b, device = latents.shape[0], latents.device
-    noise = torch.randn(latents.shape, generator=gen, device=device)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            (b, latents.shape[1], 1, 1), generator=gen, device=device
-        )
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
-    if channels_last:
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    noisy, t, target = noisy_latents(scheduler, latents, gen, noise_offset, channels_last)
     stats.reset()
     pred = unet(noisy, t, text.expand(b, -1, -1)).sample
     if n_instance is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from attn_utils import runfiles as rf
 from attn_utils.config import StageConfig
 from attn_utils.method.capture import TokenStats
@@ -54,6 +56,9 @@ class StageActions:
         path = None
         if self.acc.is_main_process:
             extra = {"fingerprint": self.fingerprint(k), "scaler": scaler.state_dict()}
+            hold = self.core.hold if self.core is not None else None
+            if hold is not None and hold.norms is not None:  # CoRe: the norm [V] is held to
+                extra["norm_hold"] = hold.norms.tolist()
             path = ck.save_checkpoint(
                 self.run_dir,
                 k,
@@ -70,6 +75,9 @@ class StageActions:
 
     def _resume(self, path: Path, k: int, params, optimizer, scaler) -> int:
         step = ck.restore_checkpoint(path, self.fingerprint(k), params.named, optimizer, scaler)
+        held = ck.load_checkpoint(path)[0].get("norm_hold")
+        if held is not None and self.core is not None and self.core.hold is not None:
+            self.core.hold.norms = torch.tensor(held)
         total = self.cfg.stage(k).train_steps
         self.acc.print(
             f"stage {k}: resumed from {path} at step {step} of {total} "

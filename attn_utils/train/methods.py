@@ -30,6 +30,13 @@ from attn_utils.config import (
     validate,
 )
 from attn_utils.method.templates import TI_OBJECT_TEMPLATES
+from attn_utils.train.core import (
+    DEFAULT_PROMPTS,
+    add_core_flags,
+    check_core_flags,
+    core_overrides,
+    read_core_prompts,
+)
 from attn_utils.train.speed_flags import validate_speed_flags
 from attn_utils.train.text_training import (
     add_text_encoder_flags,
@@ -68,6 +75,21 @@ DREAMBOOTH_STAGE_3 = dict(
     max_grad_norm=1.0,  # the example's --max_grad_norm default
     **NO_REG,
 )
+# CoRe's launch script: stage 1 is textual inversion on "a photo of a {}" (no category) at
+# 5e-3, batch 6, 300 steps, with the context embedding (1.5e-4) and attention (0.05) losses and
+# the norm held from step 120 to 180; stage 2 fine-tunes the whole U-Net at 2e-6, batch 4,
+# 1000 steps. Augmentation is not in what we read: the textual_inversion example's here.
+CORE_STAGE_1 = dict(
+    learning_rate=5e-3, train_steps=300, batch_size=6, gradient_accumulation_steps=1,
+    validation_steps=100, flip_p=0.5, rotate_p=0.0, rotate_degrees=0.0,
+    context_embedding_weight=1.5e-4, context_attention_weight=0.05, norm_hold_start=120,
+    norm_hold_end=180, **NO_REG,
+)  # fmt: skip
+CORE_STAGE_3 = dict(
+    learning_rate=2e-6, train_steps=1000, batch_size=4, gradient_accumulation_steps=1,
+    validation_steps=250, flip_p=0.5, rotate_p=0.0, rotate_degrees=0.0, **NO_REG,
+)  # fmt: skip
+CORE_SOURCE = "Pang et al., CoRe, AAAI 2025 (arXiv 2408.15914), and its authors' launch script"
 DREAMBOOTH_PRIOR = dict(with_prior_preservation=True, num_class_images=200, prior_loss_weight=1.0)
 TI_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/textual_inversion"
 DB_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/dreambooth"
@@ -84,6 +106,7 @@ class Recipe:
     prompt: str = "a photo of a {} {category}"  # default --instance_prompt
     identifier: bool = False  # {} is an existing rare word: no token is added or learned
     prior: dict = field(default_factory=dict)  # prior-preservation presets
+    token_alone: bool = False  # prompts and renders write [V] without the category
 
 
 RECIPES = {
@@ -108,6 +131,10 @@ RECIPES = {
         prior=DREAMBOOTH_PRIOR,
     ),
 }
+RECIPES["core"] = Recipe(
+    "core", {1: CORE_STAGE_1, 3: CORE_STAGE_3}, CORE_SOURCE, prompt="a photo of a {}",
+    token_alone=True,
+)  # fmt: skip
 # The paper's ablation figure: AttnDreamBooth with one part removed, everything else its own.
 # Without stage 1, [V] keeps its initialisation (the category's embedding) and the first
 # stage writes it beside its U-Net; without the regulariser every weight is 0.
@@ -134,9 +161,9 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=list(RECIPES),
         default="attndreambooth",
-        help="the paper's method, a baseline (ti, dreambooth, ti_db: the paper's TI+DB) or an "
-        "ablation of the paper's figure (no_stage1, no_stage2, no_stage3, no_reg; "
-        "no_stage2_no_reg)",
+        help="the paper's method, a baseline (ti, dreambooth, ti_db: the paper's TI+DB), the "
+        "authors' successor CoRe (core) or an ablation of the paper's figure (no_stage1, "
+        "no_stage2, no_stage3, no_reg; no_stage2_no_reg)",
     )
     g.add_argument(
         "--identifier", default=None, help="dreambooth: the rare existing word (default 'sks')"
@@ -167,6 +194,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
         help="ti: prompts hold [V] without the category word, as the example's "
         "('a photo of a [V]'); inference renders {} the same way",
     )
+    add_core_flags(g)
     g.add_argument(
         "--tune_embedding",
         action=argparse.BooleanOptionalAction,
@@ -228,18 +256,22 @@ def method_fields(ns: argparse.Namespace, category: str, output_dir: str) -> dic
             raise ConfigError(f"--{flag}: only --method ti uses it, not {ns.method}")
     if ns.num_vectors is not None and ns.n_object_embedding != 1:
         raise ConfigError("--num_vectors: give it or --n_object_embedding, not both")
+    token_alone = ns.token_alone or rec.token_alone
     if ns.token_alone and ns.instance_prompt is None:
         prompt = "a photo of a {}"
+    has_core = any("context_embedding_weight" in s for s in rec.stages.values())
+    check_core_flags(ns, has_core)
     templates = None
     if any(s.get("templates") for s in rec.stages.values()):
-        after = "" if ns.token_alone else " " + category
+        after = "" if token_alone else " " + category
         templates = [t.replace("{}", "{}" + after) for t in TI_OBJECT_TEMPLATES]
     return dict(
         method=ns.method,
         instance_prompt=prompt,
         num_vectors=ns.num_vectors,
         n_object_embedding=ns.num_vectors or ns.n_object_embedding,
-        token_alone=ns.token_alone,
+        token_alone=token_alone,
+        core_prompts=(ns.core_prompts or str(DEFAULT_PROMPTS)) if has_core else None,
         identifier=(ns.identifier or "sks") if rec.identifier else None,
         prompt_templates=templates,
         with_prior_preservation=with_prior,
@@ -262,6 +294,11 @@ def validate_method(cfg: RunConfig) -> None:
 
     if cfg.identifier is not None and (not cfg.identifier.strip() or " " in cfg.identifier):
         raise ConfigError("--identifier: must be one word, e.g. 'sks'")
+    if cfg.core_prompts is not None:
+        read_core_prompts(cfg.core_prompts)  # before any model loads
+        for s in cfg.stages:
+            if s.context_embedding_weight < 0 or s.context_attention_weight < 0:
+                raise ConfigError("--core_embedding_weight / --core_attention_weight: must be >= 0")
     if cfg.num_vectors is not None and cfg.num_vectors < 1:
         raise ConfigError("--num_vectors: must be >= 1")
     if cfg.token_alone and any(s.reg_mean_weight or s.reg_var_weight for s in cfg.stages):
@@ -316,6 +353,10 @@ def recipe_identity(cfg: RunConfig) -> dict:
         ident.update(method=cfg.method, identifier=cfg.identifier, templates=cfg.prompt_templates)
     if cfg.num_vectors is not None:
         ident["num_vectors"] = cfg.num_vectors
+    if cfg.token_alone:
+        ident["token_alone"] = True
+    if cfg.core_prompts is not None:  # the prompts themselves, wherever the file lies
+        ident["core_prompts"] = read_core_prompts(cfg.core_prompts)
     if cfg.initializer_token and cfg.initializer_token != cfg.category:
         ident["initializer"] = cfg.initializer_token
     if cfg.with_prior_preservation:
@@ -397,6 +438,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             continue
         vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
         vals.update(_stage_overrides(ns, idx, presets[idx]))
+        vals.update(core_overrides(ns, idx, presets[idx]))
         stages.append(StageConfig(index=idx, **vals))
     # Every other field is the flag of the same name.
     same = {f.name for f in dataclasses.fields(RunConfig)} & set(vars(ns))

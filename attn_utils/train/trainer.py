@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from attn_utils import runfiles as rf
 from attn_utils.config import ConfigError, RunConfig, StageConfig
 from attn_utils.images import data_fingerprint, load_instance_images
-from attn_utils.method.capture import TokenStats, capture_if
+from attn_utils.method.capture import TokenStats, capture_cross_attention, capture_if
+from attn_utils.method.core import core_losses
 from attn_utils.method.step import denoise_losses, encode_latents
 from attn_utils.models import (
     base_model_source,
@@ -26,6 +27,7 @@ from attn_utils.models import (
 from attn_utils.train import checkpoint as ck
 from attn_utils.train.actions import StageActions
 from attn_utils.train.background import BackgroundWriter, HostSnapshot, finish_writes
+from attn_utils.train.core import core_state
 from attn_utils.train.data import step_seed
 from attn_utils.train.loader import stage_loader
 from attn_utils.train.meter import StepMeter
@@ -120,6 +122,7 @@ class Trainer(StageActions):
         }
         self.input_ids, self.columns = self.prompts[cfg.stages[0].index]  # the stage's, below
         self.pool = None  # LatentPool, built on first use with --cache_latents
+        self.core, self.micro = None, 0  # a CoRe stage's prompts and hold; the micro-step
         self.text_cache = None  # (1, 77, D) encoder output for stages 2-3
         self.validation_embeds = None  # (prompt, negative) embeddings once the encoder rests
         self.snapshot, self.writer = HostSnapshot(), BackgroundWriter()
@@ -271,6 +274,7 @@ class Trainer(StageActions):
         # the text encoder then runs every micro-step, with gradients
         encodes = k == 1 or trains_text_encoder(cfg, k) or tuned is not None
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.core = core_state(cfg, sc, self.tokenizer, self.token_ids, self.device)  # or None
         start = 0
         if resume is not None and resume.name.startswith(f"checkpoint-s{k}-"):
             start = self._resume(resume, k, params, optimizer, scaler)
@@ -279,7 +283,9 @@ class Trainer(StageActions):
             unet = torch.nn.parallel.DistributedDataParallel(
                 self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.unet.train(cfg.gradient_checkpointing)  # diffusers checkpoints only in train mode
+        # diffusers checkpoints only in train mode; CoRe's three forwards capture differently,
+        # which a recompute in the backward pass could not repeat
+        self.unet.train(cfg.gradient_checkpointing and self.core is None)
         stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
         stats.columns = self.columns  # (1, k + category columns), on the device
         bar = tqdm(total=sc.train_steps, initial=start, desc=f"stage {k}",
@@ -293,13 +299,21 @@ class Trainer(StageActions):
             bar=bar, start=start, step=start,
             prof=StageProfiler(cfg.profile_steps if acc.is_main_process else 0, self.run_dir, k,
                                start, self.device),
-            capture=capture_if(bool(sc.reg_mean_weight or sc.reg_var_weight), self.unet, stats),
+            capture=self._capture(sc, stats),
         )  # fmt: skip
         reset_peak(self.device)
         if cfg.validate_before_training and start == 0:
             self._validate(k, 0, stats)
         run.t0 = time.perf_counter()
         return run
+
+    def _capture(self, sc: StageConfig, stats: TokenStats):
+        """The stage's attn2 capture: the regulariser's statistics, CoRe's context means
+        (recording only in its extra forwards), or none (fused attention everywhere)."""
+        if self.core is not None:
+            self.core.means.active = False
+            return capture_cross_attention(self.unet, self.core.means)
+        return capture_if(bool(sc.reg_mean_weight or sc.reg_var_weight), self.unet, stats)
 
     def _backward(self, run: StageRun, micro: int, batch, sync: bool) -> None:
         """One micro-batch: its text, denoising loss and regulariser, then backward.
@@ -311,6 +325,7 @@ class Trainer(StageActions):
         no_sync = run.unet.no_sync() if wrapped and not sync else contextlib.nullcontext()
         with no_sync, self._attention_backend():
             seed = step_seed(self.cfg.seed, k, micro, self.acc.process_index)
+            self.micro = micro  # CoRe draws its regularisation prompt from it
             gen = torch.Generator(self.device).manual_seed(seed)
             with self._autocast():
                 ids = prompt_ids(self, k, micro, run.stats) if run.encodes else None
@@ -323,6 +338,8 @@ class Trainer(StageActions):
     def _after_step(self, run: StageRun, due: Due) -> bool:
         """Do what the schedule says is due after this step; True: the stage's loop ends."""
         k, step = run.sc.index, run.step
+        if self.core is not None and self.core.hold is not None:  # CoRe: [V]'s norm held
+            self.core.hold.after_step(step, run.params.embedding.learned)
         if due.read:
             self._read_meter(run.meter, k, step, run.sc, run.bar)  # the one host sync
         if due.done:
@@ -362,6 +379,16 @@ class Trainer(StageActions):
             latents = self.pool.sample(batch, gen) * self.vae.config.scaling_factor
         else:
             latents = encode_latents(self.vae, batch, gen)
+        if self.core is not None:  # CoRe's stage 1: a regularisation prompt, encoded both ways
+            cp = self.core.pick(self.cfg.seed, sc.index, self.micro, self.acc.process_index)
+            h_v = self.text_encoder(cp.ids_v)[0]  # (1, 77, D), through [V]'s rows
+            with torch.no_grad():  # no learned token in it
+                h_c = self.text_encoder(cp.ids_c)[0]
+            return core_losses(
+                unet, self.noise_scheduler, latents, text, gen, h_v, h_c, cp.pos_v, cp.pos_c,
+                self.core.means, sc.context_embedding_weight, sc.context_attention_weight,
+                self.cfg.noise_offset, self.cfg.channels_last,
+            )  # fmt: skip
         return denoise_losses(
             unet, self.noise_scheduler, latents, text, gen, stats, len(self.token_ids),
             sc.reg_mean_weight, sc.reg_var_weight, self.cfg.noise_offset, self.cfg.channels_last,
