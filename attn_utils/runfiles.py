@@ -41,6 +41,22 @@ TEXT_ENCODER_WEIGHTS = "model.safetensors"
 # ---------------------------------------------------------------- layout
 
 
+def read_prompt_lines(path: str | Path, flag: str) -> list[str]:
+    """A prompt file's non-blank lines that do not start with '#'; one ConfigError naming
+    `flag` if it is missing, unreadable or holds none."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{flag}: {p} not found")
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag}: cannot read {p} as UTF-8 text ({e})") from None
+    prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{flag}: {p} has no prompts (only blank lines or # comments)")
+    return prompts
+
+
 def writable_dir(path: str | Path, flag: str) -> Path:
     """Refuse, with one ConfigError naming the flag, a folder that cannot be made or written.
 

@@ -79,3 +79,16 @@ def cli_error(run_train, capsys, argv: list[str], code: int = 2) -> tuple[str, s
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, err
     return errors[0], err
+
+
+def render_one(run_dir: Path, prompt: str, save: Path) -> str:
+    """Render one image of `prompt` from a run with inference.py; return the prompt it wrote."""
+    import json
+
+    import inference
+
+    argv = ["--run_dir", str(run_dir), "--prompt", prompt, "--save_dir", str(save),
+            "--num_images_per_prompt", "1", "--num_inference_steps", "2"]  # fmt: skip
+    assert inference.main(argv) == 0
+    (entry,) = json.loads((save / "index.json").read_text())["prompts"].values()
+    return (save / entry["dir"] / "prompt.txt").read_text().strip()

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import cli_error
+from conftest import cli_error, render_one
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from test_math import KeepProbs, tiny_unet
 
-import inference
 import train_attndreambooth
 from attn_utils.method import core as core_math
 from attn_utils.method.capture import capture_cross_attention
@@ -164,12 +163,7 @@ def test_core_trains_both_stages_holds_the_norm_and_renders(core_run, tmp_path):
     assert all(torch.equal(n, held[0][1]) for _, n in held)
     emb = load_file(str(out / "stage_1" / "learned_embeds.safetensors"))
     assert list(emb) == ["new_concept_v0"] and (out / "stage_3" / "unet").is_dir()
-    save = tmp_path / "render"
-    assert inference.main(["--run_dir", str(out), "--prompt", "a photo of {} on the beach",
-                           "--save_dir", str(save), "--num_images_per_prompt", "1",
-                           "--num_inference_steps", "2"]) == 0  # fmt: skip
-    (entry,) = json.loads((save / "index.json").read_text())["prompts"].values()
-    prompt = (save / entry["dir"] / "prompt.txt").read_text().strip()
+    prompt = render_one(out, "a photo of {} on the beach", tmp_path / "render")
     assert prompt == "a photo of new_concept_v0 on the beach"  # CoRe writes [V] alone
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli_error
+from conftest import cli_error, render_one
 from device_emulation import ForeignDefaultDevice
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -560,10 +560,5 @@ def test_ti_with_several_vectors_and_the_token_alone_trains_and_renders(
     emb = load_file(str(out / "stage_1" / "learned_embeds.safetensors"))
     assert sorted(emb) == ["new_concept_v0", "new_concept_v1"]
     assert not torch.equal(emb["new_concept_v0"], emb["new_concept_v1"])  # trained apart
-    save = tmp_path / "render"
-    assert inference.main(["--run_dir", str(out), "--prompt", "a photo of {} on the beach",
-                           "--save_dir", str(save), "--num_images_per_prompt", "1",
-                           "--num_inference_steps", "2"]) == 0  # fmt: skip
-    (entry,) = json.loads((save / "index.json").read_text())["prompts"].values()
-    prompt = (save / entry["dir"] / "prompt.txt").read_text().strip()
+    prompt = render_one(out, "a photo of {} on the beach", tmp_path / "render")
     assert prompt == "a photo of new_concept_v0 new_concept_v1 on the beach"  # no category

@@ -20,10 +20,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from attn_utils.config import ConfigError
 from attn_utils.method.capture import capture_cross_attention
 from attn_utils.render.heatmaps import HeatmapController, save_attention, token_columns
-from attn_utils.runfiles import image_grid, write_dir_atomically, write_json_atomically
+from attn_utils.runfiles import (
+    image_grid,
+    read_prompt_lines,
+    write_dir_atomically,
+    write_json_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +63,7 @@ class RenderOptions:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """Non-blank lines that do not start with '#'; one clear error if there are none."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--prompt_file: {p} not found")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--prompt_file: cannot read {p} as UTF-8 text ({e})") from None
-    prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--prompt_file: {p} has no prompts (only blank lines or # comments)")
-    return prompts
+    return read_prompt_lines(path, "--prompt_file")
 
 
 def fill(template: str, tokens: list[str], category: str | None) -> str:

@@ -19,6 +19,7 @@ import torch
 from attn_utils.config import ConfigError, RunConfig, StageConfig
 from attn_utils.method.core import ContextMeans, NormHold, context_positions_from_ids
 from attn_utils.method.tokens import category_token_ids, fill_prompt
+from attn_utils.runfiles import read_prompt_lines
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "dataset" / "prompts"
 DEFAULT_PROMPTS = PROMPTS_DIR / "core_universal.txt"  # ours; core_animate / core_inanimate too
@@ -77,16 +78,9 @@ def check_core_flags(ns: argparse.Namespace, recipe_has_core: bool) -> None:
 def read_core_prompts(path: str | Path) -> list[str]:
     """The regularisation prompts of a file: one ConfigError naming --core_prompts if it is
     missing, unreadable, empty, or has a line without exactly one {}."""
+    prompts = read_prompt_lines(path, "--core_prompts")
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--core_prompts: {p} not found")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--core_prompts: cannot read {p} as UTF-8 text ({e})") from None
-    prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--core_prompts: {p} has no prompts (only blank lines or # comments)")
+    lines = p.read_text(encoding="utf-8-sig").splitlines()
     for n, line in enumerate(lines, 1):
         s = line.strip()
         if s and not s.startswith("#") and s.count("{}") != 1:
