@@ -46,6 +46,7 @@ class StageConfig:
     flip_p: float = 0.25  # horizontal-flip probability
     rotate_p: float = 0.75  # probability of a rotation (class images are never rotated)
     rotate_degrees: float = 45.0  # uniform in [-d, d], canvas expanded, black corners
+    crop: str = "random"  # random | center (shorter side to R first) | resize (squash to R)
     max_grad_norm: float | None = None  # clip the gradient norm; None: never (the paper's)
     templates: bool = False  # each sample's prompt is a Textual Inversion template
     tune_embedding: bool = False  # a U-Net stage also trains [V]'s embedding (TI+DB)
@@ -242,7 +243,15 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "category too, as before)",
     )
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--center_crop", action="store_true", help="the same as --crop center")
+    g.add_argument(
+        "--crop",
+        choices=["random", "center", "resize"],
+        default=None,
+        help="after resizing the shorter side: a random or centred square; or "
+        "'resize', the whole image squashed to a square (default: the method's: "
+        "random; resize for ti, as the textual_inversion example)",
+    )
     g.add_argument("--repeats", type=int, default=100, help="each photo's copies per epoch")
     g.add_argument("--skip_bad_images", action="store_true")
     g.add_argument(

@@ -105,6 +105,7 @@ def test_stage_flags_override_presets_and_the_authors_switches(capsys):
         (["--flip_p", "2"], "--flip_p"),
         (["--rotate_p", "-0.1"], "--rotate_p"),
         (["--rotate_degrees", "200"], "--rotate_degrees"),
+        (["--center_crop", "--crop", "resize"], "--center_crop"),
         (["--method", "ti_db", "--fast"], "--fast"),
         (["--tune_embedding"], "--tune_embedding"),
         (
@@ -123,13 +124,13 @@ def test_bad_method_flags_are_one_line(argv, flag, run_train, capsys):
 def test_each_method_augments_and_clips_as_its_reference(capsys):
     """The authors' rotation and flip for attndreambooth; the diffusers examples' for ti
     (flip 0.5, no rotation) and dreambooth (resize and crop only, clip at 1.0)."""
-    keys = ("flip_p", "rotate_p", "rotate_degrees", "max_grad_norm")
+    keys = ("flip_p", "rotate_p", "rotate_degrees", "max_grad_norm", "crop")
     plans = {m: _plan(capsys, "--method", m) for m in ("attndreambooth", "ti", "dreambooth")}
     got = {m: [tuple(s[k] for k in keys) for s in p["stages"]] for m, p in plans.items()}
     assert got == {
-        "attndreambooth": [(0.25, 0.75, 45.0, None)] * 3,
-        "ti": [(0.5, 0.0, 0.0, None)],
-        "dreambooth": [(0.0, 0.0, 0.0, 1.0)],
+        "attndreambooth": [(0.25, 0.75, 45.0, None, "random")] * 3,
+        "ti": [(0.5, 0.0, 0.0, None, "resize")],
+        "dreambooth": [(0.0, 0.0, 0.0, 1.0, "random")],
     }
     own = _plan(capsys, "--method", "dreambooth", "--max_grad_norm", "0", "--rotate_p", "0.5",
                 "--rotate_degrees", "10")["stages"][0]  # fmt: skip
@@ -139,6 +140,24 @@ def test_each_method_augments_and_clips_as_its_reference(capsys):
 def _black_corners(x: torch.Tensor) -> bool:
     """A rotated white image has black (-1) corners after the crop."""
     return bool((x <= -0.99).all(dim=0).any())
+
+
+def test_the_textual_inversion_crop_squashes_the_whole_image():
+    """crop 'resize' (the textual_inversion example's): a wide image keeps both its ends."""
+    import random
+
+    from attn_utils.train.data import augment
+
+    wide = Image.new("RGB", (96, 32), "white")
+    wide.paste(Image.new("RGB", (16, 32), "black"), (0, 0))  # a black left end
+    wide.paste(Image.new("RGB", (16, 32), "black"), (80, 0))  # and a black right end
+    for seed in range(6):
+        x = augment(wide, 32, False, random.Random(seed), flip_p=0.0, rotate_p=0.0,
+                    crop="resize")  # fmt: skip
+        assert x.shape == (3, 32, 32)
+        assert x[:, :, 0].max() < -0.9 and x[:, :, -1].max() < -0.9  # both ends are there
+    cropped = augment(wide, 32, True, random.Random(0), flip_p=0.0, rotate_p=0.0)
+    assert cropped[:, :, 0].min() > 0.9  # a centre crop of the same image loses them
 
 
 def test_rotation_follows_its_probability_and_class_images_are_never_rotated():
@@ -154,7 +173,7 @@ def test_rotation_follows_its_probability_and_class_images_are_never_rotated():
     never = [augment(white, 32, False, random.Random(i), rotate_p=0.0) for i in range(40)]
     assert not any(_black_corners(x) for x in never)
     cfg = SimpleNamespace(resolution=32, center_crop=False, seed=0,
-                          stage=lambda k: SimpleNamespace(flip_p=0.25))  # fmt: skip
+                          stage=lambda k: SimpleNamespace(flip_p=0.25, crop="random"))  # fmt: skip
     trainer = SimpleNamespace(cfg=cfg, prior=SimpleNamespace(images=[white] * 4))
     instances = InstanceDataset([white], 32, False, 50, 0, 3, rotate_p=1.0)
     pairs = with_class_images(trainer, instances, 3)

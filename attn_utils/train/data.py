@@ -20,18 +20,29 @@ def _seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+CROPS = ("random", "center", "resize")
+
+
 def augment(
     img: Image.Image, resolution: int, center_crop: bool, rng: random.Random,
     flip_p: float = 0.25, rotate_p: float = 0.75, rotate_degrees: float = 45.0,
+    crop: str = "random",
 ):  # fmt: skip
     """The original's augmentation by default; returns a (3, R, R) tensor in [-1, 1].
 
-    The random draws happen whatever the probabilities, so a sample's crop does not depend on
-    whether rotation is on.
+    crop: "random" (the original's, and DreamBooth's) or "center" (also `center_crop`) after
+    resizing the shorter side to R; "resize" squashes the whole image to R x R, bicubic (the
+    textual_inversion example's).
     """
     if rng.random() < rotate_p:  # RandomRotation(d, expand=True), nearest, black fill
         angle = rng.uniform(-rotate_degrees, rotate_degrees)
         img = img.rotate(angle, resample=Image.NEAREST, expand=True)
+    if crop == "resize":
+        img = img.resize((resolution, resolution), resample=Image.BICUBIC)
+        if rng.random() < flip_p:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return arr.float().div(127.5).sub(1.0)  # (3, R, R)
     w, h = img.size  # Resize(R): the shorter side to R, bilinear
     if w <= h:
         size = (resolution, max(resolution, int(resolution * h / w)))
@@ -41,7 +52,7 @@ def augment(
     if rng.random() < flip_p:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     w, h = img.size
-    if center_crop:
+    if center_crop or crop == "center":
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
         left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
@@ -58,9 +69,10 @@ class InstanceDataset(Dataset):
 
     def __init__(self, images, resolution: int, center_crop: bool, repeats: int, seed: int,
                  stage: int, flip_p: float = 0.25, rotate_p: float = 0.75,
-                 rotate_degrees: float = 45.0):  # fmt: skip
+                 rotate_degrees: float = 45.0, crop: str = "random"):  # fmt: skip
         self.images = images
         self.flip_p, self.rotate_p, self.rotate_degrees = flip_p, rotate_p, rotate_degrees
+        self.crop = crop
         self.resolution = resolution
         self.center_crop = center_crop
         self.epoch_len = len(images) * repeats
@@ -81,7 +93,7 @@ class InstanceDataset(Dataset):
         rng = random.Random(_seed(self.seed, self.stage, "aug", g))
         img = self.images[item % len(self.images)]
         return augment(img, self.resolution, self.center_crop, rng, self.flip_p, self.rotate_p,
-                       self.rotate_degrees)  # fmt: skip
+                       self.rotate_degrees, self.crop)  # fmt: skip
 
 
 class StepBatches(Sampler):

@@ -31,8 +31,10 @@ class LatentPool:
         flip_p: float = 0.25,
         rotate_p: float = 0.75,
         rotate_degrees: float = 45.0,
+        crop: str = "random",
     ) -> None:
-        self.augmentation = dict(flip_p=flip_p, rotate_p=rotate_p, rotate_degrees=rotate_degrees)
+        self.augmentation = dict(flip_p=flip_p, rotate_p=rotate_p, rotate_degrees=rotate_degrees,
+                                 crop=crop)  # fmt: skip
         pixels = [
             augment(
                 img,
@@ -42,6 +44,7 @@ class LatentPool:
                 flip_p,
                 rotate_p,
                 rotate_degrees,
+                crop,
             )  # fmt: skip
             for v in range(variants)
             for i, img in enumerate(images)

@@ -18,7 +18,8 @@ def stage_loader(trainer, sc: StageConfig, start: int) -> DataLoader:
     With --cache_latents the pool is encoded on the first call and kept for later stages.
     """
     cfg, acc, k = trainer.cfg, trainer.acc, sc.index
-    aug = dict(flip_p=sc.flip_p, rotate_p=sc.rotate_p, rotate_degrees=sc.rotate_degrees)
+    aug = dict(flip_p=sc.flip_p, rotate_p=sc.rotate_p, rotate_degrees=sc.rotate_degrees,
+               crop=sc.crop)  # fmt: skip
     if not cfg.cache_latents:
         dataset = InstanceDataset(
             trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, **aug

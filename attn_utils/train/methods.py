@@ -57,6 +57,7 @@ TI_STAGE_1 = dict(
     flip_p=0.5,
     rotate_p=0.0,
     rotate_degrees=0.0,
+    crop="resize",  # without --center_crop the example squashes the image to a square
     templates=True,
     **NO_REG,
 )
@@ -213,8 +214,12 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
 
 def _stage_overrides(ns: argparse.Namespace, idx: int, preset: dict) -> dict:
     """What the global flags set in every stage: augmentation, clipping, the embedding."""
-    out = {k: getattr(ns, k) for k in ("flip_p", "rotate_p", "rotate_degrees")}
+    out = {k: getattr(ns, k) for k in ("flip_p", "rotate_p", "rotate_degrees", "crop")}
     out = {k: v for k, v in out.items() if v is not None}
+    if ns.center_crop:
+        if ns.crop not in (None, "center"):
+            raise ConfigError(f"--center_crop: means --crop center, not --crop {ns.crop}")
+        out["crop"] = "center"
     if ns.max_grad_norm is not None:
         out["max_grad_norm"] = ns.max_grad_norm or None  # 0: never clip
     tunes = "tune_embedding" in preset

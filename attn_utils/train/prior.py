@@ -188,6 +188,7 @@ def with_class_images(trainer, dataset: Dataset, k: int) -> Dataset:
         -k,
         cfg.stage(k).flip_p,
         rotate_p=0.0,
+        crop=cfg.stage(k).crop,
     )
     return InstanceAndClass(dataset, classes)
 

@@ -80,7 +80,8 @@ def fused_adamw_available(params: list[torch.nn.Parameter]) -> bool:
 # at these values hashes as it did, so run folders of earlier versions stay valid.
 LATER_STAGE_KEYS = dict(
     flip_p=0.25, rotate_p=0.75, rotate_degrees=45.0, max_grad_norm=None, templates=False,
-    tune_embedding=False, embedding_learning_rate=None, context_embedding_weight=0.0,
+    crop="random", tune_embedding=False, embedding_learning_rate=None,
+    context_embedding_weight=0.0,
     context_attention_weight=0.0, norm_hold_start=0, norm_hold_end=0,
 )  # fmt: skip
 STAGE_IDENTITY = ("index", "learning_rate", "train_steps", "batch_size", "reg_mean_weight",
