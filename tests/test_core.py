@@ -87,7 +87,7 @@ def test_core_flags_mean_nothing_elsewhere(run_train, capsys, argv, flag):
 def test_a_multi_token_category_aligns_the_context(tiny_model, tmp_path):
     """'sloth sloth' is two tokens where [V] is one: the context after them is shifted."""
     from attn_utils.models import load_base_model
-    from attn_utils.train.methods import concept_token_ids
+    from attn_utils.train.prompts import concept_token_ids
     from train_attndreambooth import parse_args
 
     f = tmp_path / "p.txt"

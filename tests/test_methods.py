@@ -436,7 +436,7 @@ def test_dreambooth_adds_no_token_and_ti_draws_a_template_per_sample(tiny_model)
     from types import SimpleNamespace
 
     from attn_utils.models import load_base_model
-    from attn_utils.train.methods import concept_token_ids, prompt_ids, training_prompts
+    from attn_utils.train.prompts import concept_token_ids, prompt_ids, training_prompts
     from train_attndreambooth import parse_args
 
     m = load_base_model(str(tiny_model))

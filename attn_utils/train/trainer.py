@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from attn_utils import runfiles as rf
@@ -31,7 +29,6 @@ from attn_utils.train.core import core_state
 from attn_utils.train.data import step_seed
 from attn_utils.train.loader import stage_loader
 from attn_utils.train.meter import StepMeter
-from attn_utils.train.methods import concept_token_ids, prompt_ids, training_prompts
 from attn_utils.train.placement import (
     attention_backend,
     offloads_text_encoder,
@@ -41,6 +38,7 @@ from attn_utils.train.placement import (
 )
 from attn_utils.train.prior import prior_losses, setup_prior
 from attn_utils.train.profiling import StageProfiler
+from attn_utils.train.prompts import concept_token_ids, prompt_ids, training_prompts
 from attn_utils.train.runtime import (
     StopRequest,
     TrainingStopped,
@@ -51,8 +49,8 @@ from attn_utils.train.runtime import (
     stop_requested,
 )
 from attn_utils.train.schedule import Due, Schedule
+from attn_utils.train.stage_run import StageRun
 from attn_utils.train.stages import (
-    StageParams,
     finish_trainable,
     load_stage_result,
     missing_stage_message,
@@ -66,30 +64,6 @@ from attn_utils.train.text_training import (
 from attn_utils.train.validation import encode_validation_prompt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageRun:
-    """One stage's moving parts, made by Trainer._begin_stage and read by its loop."""
-
-    sc: StageConfig
-    params: StageParams  # the stage's trainable tensors by name (stages.select_trainable)
-    plist: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # enabled under fp16 only
-    unet: torch.nn.Module  # DDP-wrapped in stages 2-3 when several processes run
-    text: torch.Tensor | None  # (1, 77, D) cached encoder output, when it is fixed and frozen
-    encodes: bool  # the text encoder runs each micro-step (stage 1, or it trains)
-    loader: DataLoader
-    stats: TokenStats  # the regulariser's attention statistics, filled by the capture
-    meter: StepMeter
-    schedule: Schedule
-    bar: tqdm
-    prof: StageProfiler
-    capture: contextlib.AbstractContextManager
-    start: int  # the step it resumed at (0: from the beginning)
-    step: int  # optimiser steps done
-    t0: float = 0.0  # when the loop started (perf_counter)
 
 
 class Trainer(StageActions):
