@@ -1,6 +1,6 @@
 """The library's folders are its layers: imports point down only, and nothing imports in a circle.
 
-    evaluate/  ->  train/  ->  render/  ->  method/  ->  base (config, models, runfiles, ...)
+    toyworld/  ->  evaluate/  ->  train/  ->  render/  ->  method/  ->  base (config, models, ...)
 
 train/ may render (validation images, class images); render/ never imports train/; the
 method's math imports no loop, pipeline or file code. The graph is read from the source (ast),
@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = "attn_utils"
-LAYERS = {"base": 0, "method": 1, "render": 2, "train": 3, "evaluate": 4}
+LAYERS = {"base": 0, "method": 1, "render": 2, "train": 3, "evaluate": 4, "toyworld": 5}
 # The method's math may use only these base modules (no run folder, no model loading).
 METHOD_MAY_USE = {"attn_utils.config"}
 CLIS = {"train_attndreambooth": "train", "inference": "render", "evaluate": "evaluate"}

@@ -1,0 +1,68 @@
+"""The toy world's command line: write concept folders, or a grid of world scenes with captions."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from attn_utils.argparsing import Parser
+from attn_utils.toyworld.concepts import CONCEPTS, write_concept
+from attn_utils.toyworld.draw import render
+from attn_utils.toyworld.world import caption, scenes
+
+
+def build_parser() -> Parser:
+    """The parser: subcommands `concepts` and `samples`."""
+    p = Parser(prog="python -m attn_utils.toyworld", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("concepts", help="write each concept's folder of photos")
+    c.add_argument("--out", required=True, help="folder to hold one folder per concept")
+    c.add_argument("--name", action="append", help="a concept to write (repeatable; default all)")
+    c.add_argument("--size", type=int, default=128, help="photo side in pixels")
+    c.add_argument("--seed", type=int, default=0, help="poses and places")
+    s = sub.add_parser("samples", help="write grid.png and captions.txt of world scenes")
+    s.add_argument("--out", required=True, help="folder for grid.png and captions.txt")
+    s.add_argument("--n", type=int, default=16, help="how many scenes")
+    s.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    s.add_argument("--size", type=int, default=64, help="each scene's side in pixels")
+    return p
+
+
+def write_samples(out: Path, n: int, seed: int, size: int) -> None:
+    """grid.png (row-major, ceil(sqrt(n)) columns) and captions.txt (one line per scene)."""
+    world = scenes(seed, n)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
+    for i, scene in enumerate(world):
+        grid.paste(render(scene, size), ((i % cols) * size, (i // cols) * size))
+    out.mkdir(parents=True, exist_ok=True)
+    grid.save(out / "grid.png")
+    (out / "captions.txt").write_text("".join(caption(s) + "\n" for s in world), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse argv and write what the subcommand says."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("n", "size"):
+        if getattr(args, flag, 1) < 1:
+            parser.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
+    out = Path(args.out)
+    if args.command == "samples":
+        write_samples(out, args.n, args.seed, args.size)
+        print(f"wrote {args.n} scenes to {out / 'grid.png'} and {out / 'captions.txt'}")
+        return
+    names = args.name or sorted(CONCEPTS)
+    for name in names:
+        if name not in CONCEPTS:  # checked before any folder is written
+            parser.error(f"--name: unknown toy concept {name!r}; known: {', '.join(CONCEPTS)}")
+    for name in names:
+        print(f"wrote {write_concept(name, out, args.size, args.seed)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
