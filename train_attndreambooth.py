@@ -16,7 +16,8 @@ from pathlib import Path
 
 from attn_utils import runfiles as rf
 from attn_utils.argparsing import Parser
-from attn_utils.config import ConfigError, RunConfig, add_run_flags, add_stage_flags
+from attn_utils.config import ConfigError, RunConfig
+from attn_utils.run_flags import add_run_flags, add_stage_flags
 from attn_utils.runfiles import writable_dir
 from attn_utils.train.methods import add_method_flags, config_from_args
 from attn_utils.train.speed_flags import add_speed_flags
@@ -27,10 +28,10 @@ EXIT_DISK_FULL = 4  # 2: bad input, 3: non-finite loss, 128 + n: stopped by sign
 def build_parser() -> Parser:
     """Every flag, one group per concern, each group declared by the layer that reads it."""
     p = Parser(description="AttnDreamBooth: embedding -> cross-attention -> U-Net, in one process.")
-    add_run_flags(p)  # base model, data, prompts, output (attn_utils/config.py)
+    add_run_flags(p)  # base model, data, prompts, output (attn_utils/run_flags.py)
     add_method_flags(p)  # --method and prior preservation (attn_utils/train/methods.py)
     add_speed_flags(p)  # precision, memory, kernels (attn_utils/train/speed_flags.py)
-    add_stage_flags(p)  # --ti_* / --attn_* / --unet_* (attn_utils/config.py)
+    add_stage_flags(p)  # --ti_* / --attn_* / --unet_* (attn_utils/run_flags.py)
     return p
 
 

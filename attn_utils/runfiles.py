@@ -41,9 +41,12 @@ TEXT_ENCODER_WEIGHTS = "model.safetensors"
 # ---------------------------------------------------------------- layout
 
 
-def read_prompt_lines(path: str | Path, flag: str) -> list[str]:
+def read_prompt_lines(
+    path: str | Path, flag: str, check: Callable[[str], str | None] | None = None
+) -> list[str]:
     """A prompt file's non-blank lines that do not start with '#'; one ConfigError naming
-    `flag` if it is missing, unreadable or holds none."""
+    `flag` if it is missing, unreadable or holds none, or if `check(prompt)` returns what is
+    wrong with one (the message names its line)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{flag}: {p} not found")
@@ -51,10 +54,15 @@ def read_prompt_lines(path: str | Path, flag: str) -> list[str]:
         lines = p.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{flag}: cannot read {p} as UTF-8 text ({e})") from None
-    prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
-    if not prompts:
+    numbered = [(n, s.strip()) for n, s in enumerate(lines, 1)]
+    numbered = [(n, s) for n, s in numbered if s and not s.startswith("#")]
+    if not numbered:
         raise ConfigError(f"{flag}: {p} has no prompts (only blank lines or # comments)")
-    return prompts
+    for n, s in numbered if check else ():
+        why = check(s)
+        if why:
+            raise ConfigError(f"{flag}: {p} line {n} {why}: {s!r}")
+    return [s for _, s in numbered]
 
 
 def writable_dir(path: str | Path, flag: str) -> Path:

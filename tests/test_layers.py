@@ -123,7 +123,16 @@ def test_every_library_module_sits_in_a_layer_folder_or_the_base():
             assert (ROOT / PACKAGE / name / "__init__.py").is_file(), name
 
 
-BASE_MODULES = {"config", "models", "runfiles", "images", "argparsing", "quiet", "tiny"}
+BASE_MODULES = {
+    "config",
+    "run_flags",
+    "models",
+    "runfiles",
+    "images",
+    "argparsing",
+    "quiet",
+    "tiny",
+}
 
 
 def test_no_import_cycle_anywhere():

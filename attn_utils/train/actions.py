@@ -74,10 +74,10 @@ class StageActions:
         return path or self.run_dir / "checkpoints"
 
     def _resume(self, path: Path, k: int, params, optimizer, scaler) -> int:
-        step = ck.restore_checkpoint(path, self.fingerprint(k), params.named, optimizer, scaler)
-        held = ck.load_checkpoint(path)[0].get("norm_hold")
+        state = ck.restore_checkpoint(path, self.fingerprint(k), params.named, optimizer, scaler)
+        step, held = int(state["step"]), state.get("norm_hold")
         if held is not None and self.core is not None and self.core.hold is not None:
-            self.core.hold.norms = torch.tensor(held)
+            self.core.hold.norms = torch.tensor(held, device=params.embedding.learned.device)
         total = self.cfg.stage(k).train_steps
         self.acc.print(
             f"stage {k}: resumed from {path} at step {step} of {total} "

@@ -144,8 +144,9 @@ def resolve_resume(run_dir: Path, arg: str | None) -> Path | None:
 
 def restore_checkpoint(
     path: Path, fingerprint: str, trainable: dict[str, torch.Tensor], optimizer, scaler
-) -> int:
-    """Load a checkpoint into the stage's tensors, optimiser and scaler; return its step.
+) -> dict:
+    """Load a checkpoint into the stage's tensors, optimiser and scaler; return its state
+    (state.json: its step and what the loop keeps beside the tensors).
 
     Refused (naming the flag) when it was written for other data, model, settings or tensors.
     """
@@ -163,4 +164,4 @@ def restore_checkpoint(
             p.copy_(tensors[name].to(p.device, p.dtype))
     optimizer.load_state_dict(opt_state)
     scaler.load_state_dict(state.get("scaler") or {})
-    return int(state["step"])
+    return state

@@ -78,14 +78,8 @@ def check_core_flags(ns: argparse.Namespace, recipe_has_core: bool) -> None:
 def read_core_prompts(path: str | Path) -> list[str]:
     """The regularisation prompts of a file: one ConfigError naming --core_prompts if it is
     missing, unreadable, empty, or has a line without exactly one {}."""
-    prompts = read_prompt_lines(path, "--core_prompts")
-    p = Path(path)
-    lines = p.read_text(encoding="utf-8-sig").splitlines()
-    for n, line in enumerate(lines, 1):
-        s = line.strip()
-        if s and not s.startswith("#") and s.count("{}") != 1:
-            raise ConfigError(f"--core_prompts: {p} line {n} needs {{}} exactly once: {s!r}")
-    return prompts
+    once = lambda s: None if s.count("{}") == 1 else "needs {} exactly once"  # noqa: E731
+    return read_prompt_lines(path, "--core_prompts", once)
 
 
 def is_core_stage(sc: StageConfig) -> bool:

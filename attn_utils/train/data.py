@@ -20,9 +20,6 @@ def _seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-CROPS = ("random", "center", "resize")
-
-
 def augment(
     img: Image.Image, resolution: int, center_crop: bool, rng: random.Random,
     flip_p: float = 0.25, rotate_p: float = 0.75, rotate_degrees: float = 45.0,
@@ -37,26 +34,23 @@ def augment(
     if rng.random() < rotate_p:  # RandomRotation(d, expand=True), nearest, black fill
         angle = rng.uniform(-rotate_degrees, rotate_degrees)
         img = img.rotate(angle, resample=Image.NEAREST, expand=True)
-    if crop == "resize":
-        img = img.resize((resolution, resolution), resample=Image.BICUBIC)
-        if rng.random() < flip_p:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return arr.float().div(127.5).sub(1.0)  # (3, R, R)
-    w, h = img.size  # Resize(R): the shorter side to R, bilinear
-    if w <= h:
+    w, h = img.size
+    if crop == "resize":  # the whole image, squashed
+        size = (resolution, resolution)
+    elif w <= h:  # Resize(R): the shorter side to R
         size = (resolution, max(resolution, int(resolution * h / w)))
     else:
         size = (max(resolution, int(resolution * w / h)), resolution)
-    img = img.resize(size, resample=Image.BILINEAR)
+    img = img.resize(size, resample=Image.BICUBIC if crop == "resize" else Image.BILINEAR)
     if rng.random() < flip_p:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    w, h = img.size
-    if center_crop or crop == "center":
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-    img = img.crop((left, top, left + resolution, top + resolution))
+    if crop != "resize":
+        w, h = img.size
+        if center_crop or crop == "center":
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+        else:
+            left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+        img = img.crop((left, top, left + resolution, top + resolution))
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     return arr.float().div(127.5).sub(1.0)  # (3, R, R)
 

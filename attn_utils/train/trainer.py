@@ -94,7 +94,7 @@ class Trainer(StageActions):
             s.index: training_prompts(cfg, self.tokenizer, self.token_ids, s.templates)
             for s in cfg.stages
         }
-        self.input_ids, self.columns = self.prompts[cfg.stages[0].index]  # the stage's, below
+        self.input_ids = self.columns = None  # (P, 77), (P, K): the stage's, set as it begins
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self.core, self.micro = None, 0  # a CoRe stage's prompts and hold; the micro-step
         self.text_cache = None  # (1, 77, D) encoder output for stages 2-3
