@@ -87,6 +87,8 @@ def load_base_model(
     kw = _load_kwargs(name_or_path, revision, local_files_only)
     errors = (OSError, ValueError, EnvironmentError)
     flag = "--pretrained_model_name_or_path"
+    if Path(name_or_path).is_dir():
+        verify_shipped(name_or_path, flag)
     try:
         m = _load_parts(name_or_path, unet_path, {**kw, "local_files_only": True})
     except errors as cached_error:
@@ -191,3 +193,41 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read JSON ({e})") from None
+
+
+SHIPPED_MANIFEST = "manifest.json"
+SHIPPED_KIND = "attndreambooth shipped models"  # the manifest's "kind": other JSON is ignored
+
+
+def verify_shipped(folder: str | Path, flag: str) -> None:
+    """Check a local model folder against the manifest.json beside it (or in it), if any.
+
+    Shipped weights (the toy world's, under models/) carry a manifest with every file's
+    sha256; a file that differs or is missing stops with one ConfigError naming it.
+    """
+    folder = Path(folder).resolve()
+    for manifest in (folder / SHIPPED_MANIFEST, folder.parent / SHIPPED_MANIFEST):
+        if manifest.is_file():
+            break
+    else:
+        return
+    root = manifest.parent
+    data = read_json(manifest)
+    if data.get("kind") != SHIPPED_KIND:
+        return
+    files = data.get("files", {})
+    for rel, digest in sorted(files.items()):
+        path = root / rel
+        if not path.resolve().is_relative_to(folder):
+            continue
+        if not path.is_file():
+            raise ConfigError(f"{flag}: {path} is missing (listed in {manifest})")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            raise ConfigError(
+                f"{flag}: {path} does not match {manifest} (sha256 {h.hexdigest()[:12]}..., "
+                f"expected {digest[:12]}...); restore it with `git checkout -- {path}`"
+            )

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from attn_utils.config import ConfigError, first_line
-from attn_utils.models import _load_kwargs, hub_reachable
+from attn_utils.models import _load_kwargs, hub_reachable, verify_shipped
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,12 @@ def load_metric_model(
 
     Every failure is one ConfigError naming the flag and the model; never random weights.
     """
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).is_dir()
     if looks_local and not Path(name).expanduser().is_dir():
         raise ConfigError(f"{flag}: {name} is not a folder")
     if looks_local:
         name = str(Path(name).expanduser())
+        verify_shipped(name, flag)
     kw = _load_kwargs(name, None, local_files_only)
     errors = (OSError, ValueError, EnvironmentError)
     try:

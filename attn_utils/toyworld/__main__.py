@@ -28,6 +28,17 @@ def build_parser() -> Parser:
     s.add_argument("--n", type=int, default=16, help="how many scenes")
     s.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     s.add_argument("--size", type=int, default=64, help="each scene's side in pixels")
+    t = sub.add_parser("pretrain", help="pretrain the toy base model, toy CLIP and oracle")
+    t.add_argument("--work", required=True, help="folder for data, checkpoints and phase files")
+    t.add_argument("--out", default="models/toyworld", help="where the exported models go")
+    t.add_argument("--seed", type=int, default=0, help="data, initialisation and every step")
+    t.add_argument("--checkpoint_every", type=int, default=200, help="steps between checkpoints")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed: results "
+                   "depend on it)")  # fmt: skip
+    t.add_argument("--quick", action="store_true", help="a smoke run of every phase")
+    t.add_argument("--scenes", type=int, default=0, help="override the number of scenes")
+    v = sub.add_parser("verify", help="check shipped models against their manifest.json")
+    v.add_argument("--out", default="models/toyworld", help="the folder holding manifest.json")
     return p
 
 
@@ -48,10 +59,20 @@ def main(argv: list[str] | None = None) -> None:
     """Parse argv and write what the subcommand says."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("n", "size"):
+    for flag in ("n", "size", "checkpoint_every", "threads"):
         if getattr(args, flag, 1) < 1:
             parser.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
     out = Path(args.out)
+    if args.command == "pretrain":
+        from attn_utils.toyworld.pretrain import main as pretrain
+
+        pretrain(args)
+        return
+    if args.command == "verify":
+        from attn_utils.toyworld.pretrain import verify
+
+        verify(out)
+        return
     if args.command == "samples":
         write_samples(out, args.n, args.seed, args.size)
         print(f"wrote {args.n} scenes to {out / 'grid.png'} and {out / 'captions.txt'}")

@@ -188,11 +188,12 @@ def _stylise(img: Image.Image, style: str, rng: np.random.Generator) -> Image.Im
         up = [np.asarray(Image.fromarray(blotch[..., c]).resize((s, s), Image.Resampling.BILINEAR))
               for c in range(3)]  # fmt: skip
         x = np.round((x + np.stack(up, -1)) / 48) * 48
-    elif style == "sketch":  # dark lines where the grey image changes, on off-white paper
+    elif style == "sketch":  # lines where the image changes, inked in its darkened colours
         grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
         gy, gx = np.gradient(grey)
-        ink = np.clip(np.hypot(gx, gy) * 4 * 64 / s, 0, 255)
-        x = (255 - ink)[..., None] * np.array([0.98, 0.97, 0.94], np.float32)
+        ink = np.clip(np.hypot(gx, gy) * 4 * 64 / s / 255, 0, 1)[..., None]
+        paper = np.array([250, 247, 240], np.float32)
+        x = paper * (1 - ink) + 0.7 * x * ink  # colour survives in the strokes
     else:
         raise ValueError(f"unknown style {style!r}")
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))

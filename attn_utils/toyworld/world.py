@@ -131,10 +131,42 @@ def sample_scene(rng: random.Random) -> Scene:
     return Scene(sample_thing(rng, rng.uniform(0.35, 0.65)), place, style, seed)
 
 
-def scenes(seed: int, n: int) -> list[Scene]:
-    """n scenes, the same for the same seed."""
+def is_held_out(category: str, colour: str, place: str) -> bool:
+    """Whether pretraining never shows a thing of this category and colour in this place.
+
+    One (category, colour, place) triple in eight is held out, so that prompt following can be
+    measured on combinations the base model has never seen (every word alone it has seen).
+    """
+    i, j, k = CATEGORIES.index(category), list(COLOURS).index(colour), list(PLACES).index(place)
+    return (i + 2 * j + 3 * k) % 8 == 0
+
+
+def held_out_triples() -> list[tuple[str, str, str]]:
+    """Every held-out (category, colour, place), in vocabulary order."""
+    return [
+        (c, col, p)
+        for c in CATEGORIES
+        for col in COLOURS
+        for p in PLACES
+        if is_held_out(c, col, p)
+    ]
+
+
+def _shows_held_out(scene: Scene) -> bool:
+    things = [t for t in (scene.thing, scene.other) if t is not None]
+    return any(is_held_out(t.category, t.colour, scene.place) for t in things)
+
+
+def scenes(seed: int, n: int, training: bool = False) -> list[Scene]:
+    """n scenes, the same for the same seed; training=True resamples any scene that shows a
+    held-out combination (pretraining's data)."""
     rng = random.Random(seed)
-    return [sample_scene(rng) for _ in range(n)]
+    out = []
+    while len(out) < n:
+        scene = sample_scene(rng)
+        if not (training and _shows_held_out(scene)):
+            out.append(scene)
+    return out
 
 
 def describe(thing: Thing) -> str:

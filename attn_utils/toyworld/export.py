@@ -1,0 +1,107 @@
+"""The pretraining's export: diffusers / transformers folders under --out and manifest.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from attn_utils.models import SHIPPED_KIND, SHIPPED_MANIFEST
+from attn_utils.runfiles import write_dir_atomically
+from attn_utils.tiny import SD_SCHEDULER
+
+if TYPE_CHECKING:
+    from attn_utils.toyworld.pretrain import Pretrainer
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _write_base(p: Pretrainer, dest: Path) -> None:
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    scale = float(np.load(p.work / "latents.npz", allow_pickle=False)["scale"])
+    vae = AutoencoderKL.from_pretrained(str(p.work / "vae"))
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(str(p.work / "text_encoder")),
+        tokenizer=p.tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(str(p.work / "unet")),
+        scheduler=diffusers.DDPMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(dest), safe_serialization=True)
+
+
+def _write_clip(p: Pretrainer, dest: Path) -> None:
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(str(p.work / "clip")).save_pretrained(str(dest))
+    p.tokenizer.save_pretrained(str(dest))
+    size = {"shortest_edge": 64}
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": size,
+        "crop_size": {"height": 64, "width": 64},
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+    }
+    (dest / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def _write_dino(p: Pretrainer, dest: Path) -> None:
+    from transformers import CLIPModel, CLIPVisionModel
+
+    clip = CLIPModel.from_pretrained(str(p.work / "clip"))
+    vision = CLIPVisionModel(clip.config.vision_config)
+    # transformers 5 flattens CLIPVisionModel; 4 nests it under .vision_model.
+    target = getattr(vision, "vision_model", vision)
+    target.load_state_dict(clip.vision_model.state_dict())
+    vision.save_pretrained(str(dest))
+
+
+def _write_oracle(p: Pretrainer, dest: Path) -> None:
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(p.work / "oracle" / name, dest / name)
+
+
+def export(p: Pretrainer) -> None:
+    """Write base/, clip/, dino/, oracle/ and manifest.json under p.out (all or nothing)."""
+    from attn_utils.toyworld.pretrain import file_sha256, git_commit
+
+    writers = {"base": _write_base, "clip": _write_clip, "dino": _write_dino, "oracle": _write_oracle}
+
+    def write(tmp: Path) -> None:
+        for part, writer in writers.items():
+            (tmp / part).mkdir()
+            writer(p, tmp / part)
+        files = {
+            str(f.relative_to(tmp)): file_sha256(f)
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
+        manifest = {
+            "kind": SHIPPED_KIND,
+            "what": "the toy world's pretrained models (docs/toyworld.md)",
+            "command": " ".join(p.argv),
+            "seed": p.seed,
+            "commit": git_commit(),
+            "budget": p.budget.__dict__,
+            "phase_seconds": {k: round(v, 1) for k, v in p.times.items()},
+            "files": files,
+        }
+        (tmp / SHIPPED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    write_dir_atomically(p.out, write)

@@ -1,0 +1,574 @@
+"""Pretrain the toy world's models from scratch: a VAE, a CLIP text encoder with a U-Net (a
+Stable-Diffusion-shaped base model), a toy CLIP for the metrics and an oracle.
+
+    python -m attn_utils.toyworld pretrain --work toy_work --out models/toyworld
+
+Phases run in order and each leaves a file in --work; a relaunch skips finished phases and
+continues a training phase from its newest checkpoint (every --checkpoint_every steps), so an
+interrupted pretraining loses at most that much. Each step's batch and noise come from a
+generator seeded by (seed, phase, step), which makes a resumed run take the same steps as an
+uninterrupted one. The export writes diffusers / transformers folders and manifest.json (sha256
+of every file, the command, seed and commit); `verify` checks shipped files against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from attn_utils.evaluate.oracle import Oracle, OracleNet
+from attn_utils.runfiles import write_json_atomically
+from attn_utils.tiny import SD_SCHEDULER
+from attn_utils.toyworld.world import (
+    CATEGORIES,
+    COLOURS,
+    PLACES,
+    STYLES,
+    Scene,
+    build_tokenizer,
+    caption,
+    scenes,
+)
+
+SIZE = 64  # the world's image side; the VAE downsamples 4x to 16x16x4 latents
+MANIFEST = "manifest.json"
+PARTS = ("base", "clip", "dino", "oracle")  # the folders under --out
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes and step counts of a pretraining; FULL is the shipped one."""
+
+    scenes: int = 32000
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    unet_steps: int = 1900
+    unet_batch: int = 64
+    clip_steps: int = 800
+    clip_batch: int = 128
+    oracle_steps: int = 900
+    oracle_batch: int = 64
+    report_images: int = 2  # per held-out caption
+
+
+FULL = Budget()
+QUICK = Budget(  # a smoke run of every phase (tests, --quick): minutes, learns little
+    scenes=512,
+    vae_steps=6,
+    vae_batch=8,
+    unet_steps=6,
+    unet_batch=8,
+    clip_steps=6,
+    clip_batch=16,
+    oracle_steps=6,
+    oracle_batch=16,
+    report_images=1,
+)
+
+
+def _rng(seed: int, phase: str, step: int) -> np.random.Generator:
+    """The generator of one step: the same (seed, phase, step) gives the same draws."""
+    digest = hashlib.sha256(f"{seed}/{phase}/{step}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _torch_gen(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+# ---------------------------------------------------------------- data
+
+
+def labels(scene: Scene) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(place index, style index, categories present, body colours present) of a scene."""
+    cats, cols = np.zeros(len(CATEGORIES), np.uint8), np.zeros(len(COLOURS), np.uint8)
+    for t in (scene.thing, scene.other):
+        if t is not None:
+            cats[CATEGORIES.index(t.category)] = 1
+            cols[list(COLOURS).index(t.colour)] = 1
+    return list(PLACES).index(scene.place), STYLES.index(scene.style), cats, cols
+
+
+def _render_chunk(chunk: list[Scene]) -> np.ndarray:
+    from attn_utils.toyworld.draw import render
+
+    return np.stack([np.asarray(render(s, SIZE)) for s in chunk])
+
+
+def render_data(path: Path, seed: int, n: int, workers: int = 2) -> None:
+    """Render n training scenes (no held-out combination) to path (an .npz, no pickle)."""
+    world = scenes(seed, n, training=True)
+    chunks = [world[i : i + 500] for i in range(0, n, 500)]
+    with get_context("fork").Pool(workers) as pool:
+        parts = list(tqdm(pool.imap(_render_chunk, chunks), total=len(chunks), desc="render"))
+    lab = [labels(s) for s in world]
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        images=np.concatenate(parts),
+        captions=np.array([caption(s) for s in world]),
+        place=np.array([x[0] for x in lab], np.int64),
+        style=np.array([x[1] for x in lab], np.int64),
+        category=np.stack([x[2] for x in lab]),
+        colour=np.stack([x[3] for x in lab]),
+    )
+    os.replace(tmp, path)
+
+
+def load_data(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _save_ckpt(path: Path, step: int, modules: dict, opt: torch.optim.Optimizer, extra=None):
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous()
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
+    for k, v in (extra or {}).items():
+        tensors[k] = v.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def _load_ckpt(path: Path, modules: dict, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        step = int(f.metadata()["step"])
+    tensors = load_file(str(path))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    rest = {k: v for k, v in tensors.items() if k.startswith("ema.")}
+    return step, rest
+
+
+def _train(
+    name: str,
+    work: Path,
+    steps: int,
+    modules: dict,
+    opt: torch.optim.Optimizer,
+    loss_fn,
+    every: int,
+    ema: dict[str, torch.Tensor] | None = None,
+    ema_params: dict[str, torch.nn.Parameter] | None = None,
+    lr: float | None = None,
+) -> None:
+    """Run loss_fn(step) for steps optimiser steps with checkpoints at work/<name>.ckpt."""
+    ckpt = work / f"{name}.ckpt"
+    start = 0
+    if ckpt.is_file():
+        start, rest = _load_ckpt(ckpt, modules, opt)
+        if ema is not None:
+            for k in ema:
+                ema[k].copy_(rest[f"ema.{k}"])
+        print(f"{name}: resumed at step {start} of {steps}", flush=True)
+    for m in modules.values():
+        m.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
+    for step in bar:
+        if lr is not None:  # linear warm-up over 100 steps, then cosine to a tenth
+            warm = min(1.0, (step + 1) / 100)
+            cos = 0.55 + 0.45 * math.cos(math.pi * step / steps)
+            for g in opt.param_groups:
+                g["lr"] = lr * warm * cos
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            decay = min(0.995, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, p in ema_params.items():
+                    ema[k].lerp_(p.detach(), 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            extra = {f"ema.{k}": v for k, v in (ema or {}).items()}
+            _save_ckpt(ckpt, step + 1, modules, opt, extra)
+
+
+# ---------------------------------------------------------------- models
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,  # 3 levels -> 4x downsampling
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4, 4),  # head counts, as SD 2.1 names them
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        norm_num_groups=16,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def make_clip(tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        image_size=SIZE,
+        patch_size=8,
+        hidden_size=96,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+    )
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+
+
+ORACLE_HEADS = {
+    "place": list(PLACES),
+    "style": list(STYLES),
+    "category": list(CATEGORIES),
+    "colour": list(COLOURS),
+}
+
+
+# ---------------------------------------------------------------- phases
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """For the oracle: flips, and blur or noise of the strength generated images show."""
+    x = _flip(x, rng)
+    blur = torch.from_numpy(rng.random(len(x)) < 0.5)[:, None, None, None]
+    soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    x = torch.where(blur, soft, x)
+    noise = torch.from_numpy(rng.uniform(0, 0.1, (len(x), 1, 1, 1)).astype(np.float32))
+    return x + noise * torch.randn(x.shape, generator=_torch_gen(rng))
+
+
+class Pretrainer:
+    """The phases, each a method that leaves its result in self.work."""
+
+    def __init__(self, work: Path, out: Path, seed: int, budget: Budget, every: int, argv):
+        self.work, self.out, self.seed, self.budget, self.every = work, out, seed, budget, every
+        self.argv = argv
+        self.times: dict[str, float] = {}
+        work.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = build_tokenizer(work / "tokenizer")
+        self._data: dict | None = None
+
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            self._data = load_data(self.work / "data.npz")
+        return self._data
+
+    def _batch(self, phase: str, step: int, size: int) -> tuple[np.ndarray, np.random.Generator]:
+        rng = _rng(self.seed, phase, step)
+        return rng.integers(0, len(self.data["images"]), size), rng
+
+    def run(self) -> None:
+        timings_path = self.work / "timings.json"
+        if timings_path.is_file():
+            self.times = json.loads(timings_path.read_text())
+        for phase in ("data", "vae", "latents", "unet", "clip", "oracle", "export", "report"):
+            done = self.work / f"{phase}.done"
+            if done.is_file():
+                continue
+            print(f"== {phase}", flush=True)
+            t0 = time.time()
+            torch.manual_seed(self.seed)  # model construction is seeded per phase
+            getattr(self, f"phase_{phase}")()
+            self.times[phase] = self.times.get(phase, 0.0) + time.time() - t0
+            write_json_atomically(timings_path, self.times)
+            done.write_text("ok\n")
+        print(f"pretraining done; phase seconds: {json.dumps(self.times)}")
+
+    def phase_data(self) -> None:
+        render_data(self.work / "data.npz", self.seed, self.budget.scenes)
+
+    def phase_vae(self) -> None:
+        vae = make_vae()
+        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+        b = self.budget
+
+        def loss_fn(step):
+            idx, rng = self._batch("vae", step, b.vae_batch)
+            x = _flip(to_unit(self.data["images"][idx]), rng)
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=_torch_gen(rng))
+            rec = vae.decode(z).sample
+            err = rec - x
+            return err.abs().mean() + err.pow(2).mean() + 1e-6 * post.kl().mean()
+
+        _train("vae", self.work, b.vae_steps, {"vae": vae}, opt, loss_fn, self.every, lr=1e-3)
+        vae.save_pretrained(str(self.work / "vae"), safe_serialization=True)
+
+    def _vae(self):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(str(self.work / "vae")).eval()
+
+    @torch.no_grad()
+    def phase_latents(self) -> None:
+        vae = self._vae()
+        means, stds = [], []
+        images = self.data["images"]
+        for s in tqdm(range(0, len(images), 256), desc="latents"):
+            post = vae.encode(to_unit(images[s : s + 256])).latent_dist
+            means.append(post.mean.half())
+            stds.append(post.std.half())
+        mean, std = torch.cat(means), torch.cat(stds)
+        # SD's convention: scale latents to unit variance; the factor goes into the VAE config.
+        scale = float(1.0 / mean.float().std())
+        tmp = self.work / "latents.tmp.npz"
+        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), scale=np.float32(scale))
+        os.replace(tmp, self.work / "latents.npz")
+
+    def phase_unet(self) -> None:
+        from diffusers import DDPMScheduler
+
+        z = np.load(self.work / "latents.npz", allow_pickle=False)
+        mean, std, scale = torch.from_numpy(z["mean"]), torch.from_numpy(z["std"]), float(z["scale"])
+        captions = self.data["captions"]
+        sched = DDPMScheduler(**SD_SCHEDULER)
+        alphas = sched.alphas_cumprod
+        snr = alphas / (1 - alphas)
+        unet, text = make_unet(), make_text_encoder(self.tokenizer)
+        params = {f"unet.{k}": p for k, p in unet.named_parameters()}
+        params.update({f"text.{k}": p for k, p in text.named_parameters()})
+        ema = {k: p.detach().clone() for k, p in params.items()}
+        opt = torch.optim.AdamW(params.values(), lr=3e-4, weight_decay=1e-2)
+        b = self.budget
+
+        def loss_fn(step):
+            idx, rng = self._batch("unet", step, b.unet_batch)
+            g = _torch_gen(rng)
+            lat = mean[idx].float() + std[idx].float() * torch.randn(
+                mean[idx].shape, generator=g
+            )
+            lat = lat * scale
+            texts = [
+                "" if rng.random() < 0.1 else str(captions[i]) for i in idx
+            ]  # 10 % unconditional, for classifier-free guidance
+            ids = self.tokenizer(
+                texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+            t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
+            noise = torch.randn(lat.shape, generator=g)
+            noisy = sched.add_noise(lat, noise, t)
+            pred = unet(noisy, t, text(ids)[0]).sample
+            # Min-SNR-5 weighting (Hang et al. 2023): faster convergence of a small model.
+            w = (torch.clamp(snr[t], max=5.0) / snr[t]).float()
+            return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+        modules = {"unet": unet, "text": text}
+        _train("unet", self.work, b.unet_steps, modules, opt, loss_fn, self.every, ema, params, 3e-4)
+        with torch.no_grad():  # export the EMA weights
+            for k, p in params.items():
+                p.copy_(ema[k])
+        unet.save_pretrained(str(self.work / "unet"), safe_serialization=True)
+        text.save_pretrained(str(self.work / "text_encoder"), safe_serialization=True)
+
+    def phase_clip(self) -> None:
+        clip = make_clip(self.tokenizer)
+        opt = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.1)
+        b = self.budget
+        captions = self.data["captions"]
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+
+        def loss_fn(step):
+            idx, rng = self._batch("clip", step, b.clip_batch)
+            x = (_flip(to_unit(self.data["images"][idx]), rng) + 1) / 2
+            tok = self.tokenizer(
+                [str(captions[i]) for i in idx], padding=True, return_tensors="pt"
+            )
+            out = clip(
+                input_ids=tok.input_ids,
+                attention_mask=tok.attention_mask,
+                pixel_values=(x - mean) / std,
+            )
+            # Identical captions in a batch are positives for each other, not negatives.
+            same = torch.from_numpy(
+                np.array([[captions[i] == captions[j] for j in idx] for i in idx])
+            ).float()
+            target = same / same.sum(1, keepdim=True)
+            lpi = out.logits_per_image
+            return -(
+                (target * lpi.log_softmax(1)).sum(1).mean()
+                + (target * lpi.t().log_softmax(1)).sum(1).mean()
+            ) / 2
+
+        _train("clip", self.work, b.clip_steps, {"clip": clip}, opt, loss_fn, self.every, lr=5e-4)
+        clip.save_pretrained(str(self.work / "clip"), safe_serialization=True)
+
+    def phase_oracle(self) -> None:
+        net = OracleNet(ORACLE_HEADS)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+        b = self.budget
+        d = self.data
+
+        def loss_fn(step):
+            idx, rng = self._batch("oracle", step, b.oracle_batch)
+            x = to_unit(d["images"][idx])
+            x = _augment(x, rng)
+            out = net(x)
+            return (
+                F.cross_entropy(out["place"], torch.from_numpy(d["place"][idx]))
+                + F.cross_entropy(out["style"], torch.from_numpy(d["style"][idx]))
+                + F.binary_cross_entropy_with_logits(
+                    out["category"], torch.from_numpy(d["category"][idx]).float()
+                )
+                + F.binary_cross_entropy_with_logits(
+                    out["colour"], torch.from_numpy(d["colour"][idx]).float()
+                )
+            )
+
+        _train("oracle", self.work, b.oracle_steps, {"oracle": net}, opt, loss_fn, self.every, lr=2e-3)
+        config = {"heads": ORACLE_HEADS, "multi_label": ["category", "colour"], "image_size": SIZE}
+        Oracle(net, config).save(self.work / "oracle")
+
+    def phase_export(self) -> None:
+        from attn_utils.toyworld.export import export
+
+        export(self)
+
+    def phase_report(self) -> None:
+        from attn_utils.toyworld.report import report
+
+        report(self.out, self.work, self.seed, self.budget)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(args) -> None:
+    """`python -m attn_utils.toyworld pretrain` (parsed in __main__.py)."""
+    budget = QUICK if args.quick else FULL
+    if args.scenes:
+        budget = dataclasses.replace(budget, scenes=args.scenes)
+    torch.set_num_threads(args.threads)
+    argv = ["python", "-m", "attn_utils.toyworld", *sys.argv[1:]]
+    Pretrainer(Path(args.work), Path(args.out), args.seed, budget, args.checkpoint_every, argv).run()
+
+
+def verify(out: Path) -> None:
+    """Check every part under out against out/manifest.json; exit 1 with one line if not."""
+    from attn_utils.config import ConfigError
+    from attn_utils.models import SHIPPED_MANIFEST, verify_shipped
+
+    if not (out / SHIPPED_MANIFEST).is_file():
+        sys.exit(f"error: {out / SHIPPED_MANIFEST} does not exist")
+    try:
+        verify_shipped(out, "--out")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    n = len(json.loads((out / SHIPPED_MANIFEST).read_text())["files"])
+    print(f"{out}: all {n} files match {SHIPPED_MANIFEST}")
