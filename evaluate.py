@@ -42,6 +42,12 @@ def add_metric_flags(p: argparse.ArgumentParser) -> None:
         help="CLIP-T's text: {} replaced by the category word (default), or removed "
         "(the Textual Inversion protocol)",
     )
+    g.add_argument(
+        "--oracle_model",
+        metavar="DIR",
+        help="an oracle of a procedural world (the toy world's: models/toyworld/oracle): adds "
+        "the Oracle column, the fraction of the attributes a prompt names that it sees",
+    )
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     g.add_argument("--batch_size", type=int, default=32, metavar="N", help="images per batch")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
@@ -133,16 +139,17 @@ def _models_loader(ns: argparse.Namespace, local_rank: int = 0, world: int = 1):
 
                 name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
             device, _ = pick_device(name, "fp32")
-            cache.append(
-                MetricModels.load(
-                    ns.clip_model,
-                    ns.dino_model,
-                    device,
-                    ns.mixed_precision,
-                    ns.batch_size,
-                    ns.local_files_only,
-                )
+            models = MetricModels.load(
+                ns.clip_model,
+                ns.dino_model,
+                device,
+                ns.mixed_precision,
+                ns.batch_size,
+                ns.local_files_only,
             )
+            if ns.oracle_model:
+                models.add_oracle(ns.oracle_model)
+            cache.append(models)
         return cache[0]
 
     return load
@@ -170,8 +177,9 @@ def run_eval(ns: argparse.Namespace) -> int:
     result = score_samples(models, ns.samples_dir, real, category, ns.clip_t_text)
     path = write_metrics(result, ns.output_dir or ns.samples_dir)
     o = result["overall"]
+    oracle = f"  Oracle {o['oracle']:.4f}" if "oracle" in o else ""
     print(
-        f"CLIP-T {o['clip_t']:.4f}  CLIP-I {o['clip_i']:.4f}  DINO {o['dino']:.4f}  "
+        f"CLIP-T {o['clip_t']:.4f}  CLIP-I {o['clip_i']:.4f}  DINO {o['dino']:.4f}{oracle}  "
         f"({o['n_images']} images, {o['n_prompts']} prompts, {o['n_real']} real): {path}"
     )
     return 0
@@ -227,6 +235,7 @@ def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) 
         metric_settings={
             "clip_model": ns.clip_model,
             "dino_model": ns.dino_model,
+            **({"oracle_model": ns.oracle_model} if ns.oracle_model else {}),
             "clip_t_text": ns.clip_t_text,
             "identity_metric": ns.identity_metric,
             "preprocessing": PREPROCESSING,  # numbers of another preprocessing do not mix

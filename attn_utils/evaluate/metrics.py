@@ -198,6 +198,21 @@ class MetricModels:
     dtype: torch.dtype
     batch_size: int = 32
     names: tuple[str, str] = (DEFAULT_CLIP, DEFAULT_DINO)
+    oracle: object = None  # an evaluate.oracle.Oracle (--oracle_model), or None
+    oracle_name: str = ""
+
+    def add_oracle(self, folder: str) -> None:
+        """Load --oracle_model (checked against a shipped manifest): the fourth column."""
+        from attn_utils.evaluate.oracle import Oracle
+
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--oracle_model: {folder} is not a folder")
+        verify_shipped(folder, "--oracle_model")
+        try:
+            self.oracle = Oracle.load(folder)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise ConfigError(f"--oracle_model: cannot load {folder} ({first_line(e)})") from None
+        self.oracle_name = folder
 
     @classmethod
     def load(

@@ -20,7 +20,17 @@ from attn_utils.images import load_image, load_instance_images, shown
 from attn_utils.runfiles import write_text_atomically
 
 METRICS = ("clip_t", "clip_i", "dino")
-TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
+# With --oracle_model (a world that has one, such as the toy world's), a fourth column: the
+# fraction of the attributes a prompt names that the oracle sees (evaluate/oracle.py).
+ORACLE = "oracle"
+TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", ORACLE: "Oracle"}
+
+
+def metric_keys(result: dict) -> tuple[str, ...]:
+    """The metrics a metrics.json result holds: METRICS, then the oracle's if it was used."""
+    return tuple(result["settings"].get("metrics", METRICS))
+
+
 PROMPT_CLASSES = ("background", "style", "accessory", "property")
 _STYLE = re.compile(
     r"\b(painting|sketch|drawing|illustration|in the style|style of|render|rendering|cartoon|"
@@ -44,7 +54,16 @@ def prompt_class(template: str) -> str:
     if _ACCESSORY.search(template):
         return "accessory"
     m = _PROPERTY.match(template.strip())
-    if m and m.group("adj").split()[-1].lower() not in ("of", "with", "and", "by", "like"):
+    if m and m.group("adj").split()[-1].lower() not in (
+        "of",
+        "with",
+        "and",
+        "by",
+        "like",
+        "a",
+        "an",
+        "the",
+    ):
         return "property"  # not "a photo of {}"
     return "background"
 
@@ -93,12 +112,22 @@ def embed_real(models: MetricModels, folder: str | Path, skip_bad: bool = False)
     return {"clip": clip, "dino": dino, "files": [str(p) for p in paths]}
 
 
-def _stats(rows: list[dict]) -> dict:
+def _stats(rows: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
     out: dict = {"n_images": len(rows)}
-    for m in METRICS:
+    for m in keys:
         v = np.array([r[m] for r in rows], dtype=np.float64)
-        out[m], out[f"{m}_std"] = float(v.mean()), float(v.std())
+        v = v[~np.isnan(v)]  # the oracle has nothing to check in a prompt naming no attribute
+        out[m], out[f"{m}_std"] = (float(v.mean()), float(v.std())) if len(v) else (np.nan,) * 2
     return out
+
+
+def oracle_scores(oracle, files: list[Path], texts: list[str], batch: int = 64) -> np.ndarray:
+    """(N,) the oracle's text-alignment score of each image against its prompt's text."""
+    out = []
+    for s in range(0, len(files), batch):
+        images = [load_image(f) for f in files[s : s + batch]]
+        out.append(oracle.scores(images, texts[s : s + batch]))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def score_samples(
@@ -118,6 +147,11 @@ def score_samples(
     clip_t = clip_t_scores(gen_clip, text_emb)
     clip_i = pairwise_mean(gen_clip, real["clip"])
     dino = pairwise_mean(gen_dino, real["dino"])
+    oracle = getattr(models, "oracle", None)
+    keys = METRICS + ((ORACLE,) if oracle is not None else ())
+    if oracle is not None:  # the prompt with {} -> category: the words the oracle can check
+        named = [clip_t_text(p["template"], category, "category") for p in prompts]
+        oracle_of = oracle_scores(oracle, files, [named[o] for o in owner])
     root = Path(samples_dir)
     per_image = [
         {
@@ -126,6 +160,7 @@ def score_samples(
             "clip_t": float(clip_t[i]),
             "clip_i": float(clip_i[i]),
             "dino": float(dino[i]),
+            **({ORACLE: float(oracle_of[i])} if oracle is not None else {}),
         }
         for i, f in enumerate(files)
     ]
@@ -135,9 +170,9 @@ def score_samples(
         cls = prompt_class(p["template"])
         by_class.setdefault(cls, []).extend(rows)
         entry = {"prompt": p["prompt"], "template": p["template"], "text": texts[i]}
-        per_prompt.append({**entry, "class": cls, "grid": p["grid"], **_stats(rows)})
+        per_prompt.append({**entry, "class": cls, "grid": p["grid"], **_stats(rows, keys)})
     per_class = {
-        c: {**_stats(by_class[c]), "n_prompts": sum(p["class"] == c for p in per_prompt)}
+        c: {**_stats(by_class[c], keys), "n_prompts": sum(p["class"] == c for p in per_prompt)}
         for c in PROMPT_CLASSES
         if c in by_class
     }
@@ -147,12 +182,14 @@ def score_samples(
         "clip_t_text": text_mode,
         "clip_model": models.names[0],
         "dino_model": models.names[1],
+        **({"oracle_model": models.oracle_name} if oracle is not None else {}),
+        "metrics": list(keys),
         "dtype": str(models.dtype).removeprefix("torch."),
         "preprocessing": models.preprocessing(),
         "real_files": real["files"],
         "render": index.get("settings", {}),
     }
-    overall = {**_stats(per_image), "n_prompts": len(prompts), "n_real": len(real["files"])}
+    overall = {**_stats(per_image, keys), "n_prompts": len(prompts), "n_real": len(real["files"])}
     return {
         "format": 1,
         "settings": settings,
@@ -170,19 +207,19 @@ def mean_std(row: dict, m: str) -> str:
 
 def metrics_csv(result: dict) -> str:
     """One row per prompt, per prompt class and overall."""
+    keys = metric_keys(result)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["level", "name", "class", "n_images", *METRICS, *(f"{m}_std" for m in METRICS)])
+    w.writerow(["level", "name", "class", "n_images", *keys, *(f"{m}_std" for m in keys)])
     for p in result["per_prompt"]:
-        vals = [p[m] for m in METRICS] + [p[f"{m}_std"] for m in METRICS]
+        vals = [p[m] for m in keys] + [p[f"{m}_std"] for m in keys]
         w.writerow(["prompt", p["template"], p["class"], p["n_images"], *vals])
     for c, s in result["per_class"].items():
-        vals = [s[m] for m in METRICS] + [s[f"{m}_std"] for m in METRICS]
+        vals = [s[m] for m in keys] + [s[f"{m}_std"] for m in keys]
         w.writerow(["class", c, c, s["n_images"], *vals])
     o = result["overall"]
     w.writerow(
-        ["overall", "all", "", o["n_images"], *(o[m] for m in METRICS)]
-        + [o[f"{m}_std"] for m in METRICS]
+        ["overall", "all", "", o["n_images"], *(o[m] for m in keys)] + [o[f"{m}_std"] for m in keys]
     )
     return buf.getvalue()
 
@@ -190,26 +227,28 @@ def metrics_csv(result: dict) -> str:
 def metrics_md(result: dict) -> str:
     """Markdown tables: overall, per prompt class, per prompt (mean ± std over images)."""
     s, o = result["settings"], result["overall"]
-    head = "| | n images | " + " | ".join(TITLES[m] for m in METRICS) + " |"
-    rule = "|---|---|" + "---|" * len(METRICS)
+    keys = metric_keys(result)
+    head = "| | n images | " + " | ".join(TITLES[m] for m in keys) + " |"
+    rule = "|---|---|" + "---|" * len(keys)
     lines = [
         f"# Metrics: {s['samples_dir']}",
         "",
         f"CLIP: `{s['clip_model']}`, DINO: `{s['dino_model']}`, CLIP-T text: {s['clip_t_text']} "
-        f"(category '{s['category']}'), {o['n_real']} real image(s). Mean ± std over images.",
+        f"(category '{s['category']}'), {o['n_real']} real image(s). Mean ± std over images."
+        + (f" Oracle: `{s['oracle_model']}`." if "oracle_model" in s else ""),
         "",
         head,
         rule,
-        f"| overall | {o['n_images']} | " + " | ".join(mean_std(o, m) for m in METRICS) + " |",
+        f"| overall | {o['n_images']} | " + " | ".join(mean_std(o, m) for m in keys) + " |",
     ]
     for c, row in result["per_class"].items():
         lines.append(
-            f"| {c} | {row['n_images']} | " + " | ".join(mean_std(row, m) for m in METRICS) + " |"
+            f"| {c} | {row['n_images']} | " + " | ".join(mean_std(row, m) for m in keys) + " |"
         )
-    lines += ["", "| prompt | class | " + " | ".join(TITLES[m] for m in METRICS) + " |"]
-    lines.append("|---|---|" + "---|" * len(METRICS))
+    lines += ["", "| prompt | class | " + " | ".join(TITLES[m] for m in keys) + " |"]
+    lines.append("|---|---|" + "---|" * len(keys))
     for p in result["per_prompt"]:
-        cells = " | ".join(f"{p[m]:.4f}" for m in METRICS)
+        cells = " | ".join(f"{p[m]:.4f}" for m in keys)
         lines.append(f"| {p['template'].replace('|', '/')} | {p['class']} | {cells} |")
     return "\n".join(lines) + "\n"
 

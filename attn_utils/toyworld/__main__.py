@@ -37,6 +37,24 @@ def build_parser() -> Parser:
                    "depend on it)")  # fmt: skip
     t.add_argument("--quick", action="store_true", help="a smoke run of every phase")
     t.add_argument("--scenes", type=int, default=0, help="override the number of scenes")
+    from attn_utils.toyworld.study import DEFAULT_METHODS, MODELS
+
+    st = sub.add_parser("study", help="evaluate.py study on the toy world: the paper in miniature")
+    st.add_argument("--out", required=True, help="the study's folder")
+    st.add_argument("--name", action="append", help="a concept (repeatable; default all)")
+    st.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
+    st.add_argument("--images", type=int, default=700, help="instance images each method "
+                    "trains on, per concept (its steps are scaled to it)")  # fmt: skip
+    st.add_argument("--images_per_prompt", type=int, default=2, help="renders per prompt")
+    st.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    st.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
+    st.add_argument("--dry_run", action="store_true", help="print the evaluate.py command")
+    o = sub.add_parser("overview", help="the demo's picture: photos, base and learned renders")
+    o.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
+    o.add_argument("--concept_dir", type=Path, required=True, help="the concept's photos")
+    o.add_argument("--images", type=Path, required=True, help="an inference.py --save_dir")
+    o.add_argument("--category", required=True, help="the concept's category word")
+    o.add_argument("--out", type=Path, required=True, help="the picture to write")
     v = sub.add_parser("verify", help="check shipped models against their manifest.json")
     v.add_argument("--out", default="models/toyworld", help="the folder holding manifest.json")
     return p
@@ -59,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse argv and write what the subcommand says."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("n", "size", "checkpoint_every", "threads"):
+    for flag in ("n", "size", "checkpoint_every", "threads", "images", "images_per_prompt"):
         if getattr(args, flag, 1) < 1:
             parser.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
     out = Path(args.out)
@@ -67,6 +85,26 @@ def main(argv: list[str] | None = None) -> None:
         from attn_utils.toyworld.pretrain import main as pretrain
 
         pretrain(args)
+        return
+    if args.command == "study":
+        from attn_utils.toyworld.study import main as study
+
+        for name in args.name or []:
+            if name not in CONCEPTS:
+                parser.error(f"--name: unknown toy concept {name!r}; known: {', '.join(CONCEPTS)}")
+        try:
+            sys.exit(study(args))
+        except ValueError as e:
+            parser.error(str(e))
+    if args.command == "overview":
+        from attn_utils.config import ConfigError
+        from attn_utils.toyworld.overview import write_overview
+
+        try:
+            write_overview(args.models, args.concept_dir, args.images, args.category, args.out)
+        except ConfigError as e:
+            parser.error(str(e))
+        print(f"wrote {args.out}")
         return
     if args.command == "verify":
         from attn_utils.toyworld.pretrain import verify

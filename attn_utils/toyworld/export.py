@@ -81,16 +81,19 @@ def export(p: Pretrainer) -> None:
     """Write base/, clip/, dino/, oracle/ and manifest.json under p.out (all or nothing)."""
     from attn_utils.toyworld.pretrain import file_sha256, git_commit
 
-    writers = {"base": _write_base, "clip": _write_clip, "dino": _write_dino, "oracle": _write_oracle}
+    writers = {
+        "base": _write_base,
+        "clip": _write_clip,
+        "dino": _write_dino,
+        "oracle": _write_oracle,
+    }
 
     def write(tmp: Path) -> None:
         for part, writer in writers.items():
             (tmp / part).mkdir()
             writer(p, tmp / part)
         files = {
-            str(f.relative_to(tmp)): file_sha256(f)
-            for f in sorted(tmp.rglob("*"))
-            if f.is_file()
+            str(f.relative_to(tmp)): file_sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()
         }
         manifest = {
             "kind": SHIPPED_KIND,

@@ -173,7 +173,9 @@ def _load_ckpt(path: Path, modules: dict, opt: torch.optim.Optimizer) -> tuple[i
     tensors = load_file(str(path))
     for name, module in modules.items():
         prefix = f"{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        module.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -420,7 +422,11 @@ class Pretrainer:
         from diffusers import DDPMScheduler
 
         z = np.load(self.work / "latents.npz", allow_pickle=False)
-        mean, std, scale = torch.from_numpy(z["mean"]), torch.from_numpy(z["std"]), float(z["scale"])
+        mean, std, scale = (
+            torch.from_numpy(z["mean"]),
+            torch.from_numpy(z["std"]),
+            float(z["scale"]),
+        )
         captions = self.data["captions"]
         sched = DDPMScheduler(**SD_SCHEDULER)
         alphas = sched.alphas_cumprod
@@ -435,9 +441,7 @@ class Pretrainer:
         def loss_fn(step):
             idx, rng = self._batch("unet", step, b.unet_batch)
             g = _torch_gen(rng)
-            lat = mean[idx].float() + std[idx].float() * torch.randn(
-                mean[idx].shape, generator=g
-            )
+            lat = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)
             lat = lat * scale
             texts = [
                 "" if rng.random() < 0.1 else str(captions[i]) for i in idx
@@ -454,7 +458,9 @@ class Pretrainer:
             return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
 
         modules = {"unet": unet, "text": text}
-        _train("unet", self.work, b.unet_steps, modules, opt, loss_fn, self.every, ema, params, 3e-4)
+        _train(
+            "unet", self.work, b.unet_steps, modules, opt, loss_fn, self.every, ema, params, 3e-4
+        )
         with torch.no_grad():  # export the EMA weights
             for k, p in params.items():
                 p.copy_(ema[k])
@@ -472,9 +478,7 @@ class Pretrainer:
         def loss_fn(step):
             idx, rng = self._batch("clip", step, b.clip_batch)
             x = (_flip(to_unit(self.data["images"][idx]), rng) + 1) / 2
-            tok = self.tokenizer(
-                [str(captions[i]) for i in idx], padding=True, return_tensors="pt"
-            )
+            tok = self.tokenizer([str(captions[i]) for i in idx], padding=True, return_tensors="pt")
             out = clip(
                 input_ids=tok.input_ids,
                 attention_mask=tok.attention_mask,
@@ -486,10 +490,13 @@ class Pretrainer:
             ).float()
             target = same / same.sum(1, keepdim=True)
             lpi = out.logits_per_image
-            return -(
-                (target * lpi.log_softmax(1)).sum(1).mean()
-                + (target * lpi.t().log_softmax(1)).sum(1).mean()
-            ) / 2
+            return (
+                -(
+                    (target * lpi.log_softmax(1)).sum(1).mean()
+                    + (target * lpi.t().log_softmax(1)).sum(1).mean()
+                )
+                / 2
+            )
 
         _train("clip", self.work, b.clip_steps, {"clip": clip}, opt, loss_fn, self.every, lr=5e-4)
         clip.save_pretrained(str(self.work / "clip"), safe_serialization=True)
@@ -516,7 +523,9 @@ class Pretrainer:
                 )
             )
 
-        _train("oracle", self.work, b.oracle_steps, {"oracle": net}, opt, loss_fn, self.every, lr=2e-3)
+        _train(
+            "oracle", self.work, b.oracle_steps, {"oracle": net}, opt, loss_fn, self.every, lr=2e-3
+        )
         config = {"heads": ORACLE_HEADS, "multi_label": ["category", "colour"], "image_size": SIZE}
         Oracle(net, config).save(self.work / "oracle")
 
@@ -556,7 +565,9 @@ def main(args) -> None:
         budget = dataclasses.replace(budget, scenes=args.scenes)
     torch.set_num_threads(args.threads)
     argv = ["python", "-m", "attn_utils.toyworld", *sys.argv[1:]]
-    Pretrainer(Path(args.work), Path(args.out), args.seed, budget, args.checkpoint_every, argv).run()
+    Pretrainer(
+        Path(args.work), Path(args.out), args.seed, budget, args.checkpoint_every, argv
+    ).run()
 
 
 def verify(out: Path) -> None:

@@ -55,7 +55,10 @@ def vae_errors(base: Path, dino: Path, seed: int) -> dict:
         x, r = recon(photos)
         mse = float(((r.clamp(-1, 1) - x) / 2).pow(2).mean())
         a, b = models.dino_image(photos), models.dino_image(_images(r))
-        per[name] = {"mse": round(mse, 5), "dino_photo_vs_recon": round(float((a * b).sum(1).mean()), 4)}
+        per[name] = {
+            "mse": round(mse, 5),
+            "dino_photo_vs_recon": round(float((a * b).sum(1).mean()), 4),
+        }
     out["concepts"] = per
     out["concept_mse_mean"] = float(np.mean([v["mse"] for v in per.values()]))
     return out
@@ -92,11 +95,15 @@ def prompt_following(base: Path, oracle_dir: Path, seed: int, per_caption: int) 
             for head, ok in oracle.checks(probs, row, text).items():
                 hits.setdefault(head, []).append(ok)
         images_all += images
-    return {
-        "captions": len(prompts),
-        "images": len(images_all),
-        "accuracy": {k: round(float(np.mean(v)), 4) for k, v in hits.items()},
-    }, images_all, prompts
+    return (
+        {
+            "captions": len(prompts),
+            "images": len(images_all),
+            "accuracy": {k: round(float(np.mean(v)), 4) for k, v in hits.items()},
+        },
+        images_all,
+        prompts,
+    )
 
 
 def oracle_accuracy(oracle_dir: Path, seed: int, n: int = 600) -> dict:

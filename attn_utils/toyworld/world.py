@@ -144,11 +144,7 @@ def is_held_out(category: str, colour: str, place: str) -> bool:
 def held_out_triples() -> list[tuple[str, str, str]]:
     """Every held-out (category, colour, place), in vocabulary order."""
     return [
-        (c, col, p)
-        for c in CATEGORIES
-        for col in COLOURS
-        for p in PLACES
-        if is_held_out(c, col, p)
+        (c, col, p) for c in CATEGORIES for col in COLOURS for p in PLACES if is_held_out(c, col, p)
     ]
 
 

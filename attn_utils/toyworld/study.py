@@ -1,0 +1,119 @@
+"""The paper in miniature: `evaluate.py study` on the toy world, every method and ablation.
+
+    python -m attn_utils.toyworld study --out studies/toy
+
+Every method trains on the same number of instance images (--images, per concept): each
+method's reference recipe (docs/methods.md; AttnDreamBooth and its ablations with the paper's
+fast stage 3) keeps its learning rates, batch sizes and the split of its images over its
+stages, and its step counts are scaled to that budget. DreamBooth's prior preservation uses
+fewer class images. These are the study's only departures from the recipes, forced by 2 CPU
+cores; `--dry_run` prints the resulting flags.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from attn_utils.toyworld.concepts import CONCEPTS, write_concept
+from attn_utils.train.methods import ABLATIONS, stage_presets
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models" / "toyworld"
+PROMPTS = ROOT / "dataset" / "prompts" / "toy_study.txt"
+METHODS = ("attndreambooth", "ti", "dreambooth", "ti_db", "core", *ABLATIONS)
+PAPER_ABLATIONS = ("no_stage1", "no_stage2", "no_stage3", "no_reg")
+DEFAULT_METHODS = ("attndreambooth", "ti", "dreambooth", "ti_db", "core", *PAPER_ABLATIONS)
+PREFIX = {1: "ti", 2: "attn", 3: "unet"}  # the per-stage flag prefixes of train_attndreambooth
+MIN_STEPS = 5
+PRIOR = ["--num_class_images", "40", "--class_inference_steps", "25"]
+
+
+def _fast(method: str) -> bool:
+    return method == "attndreambooth" or (method in ABLATIONS and 3 in ABLATIONS[method][0])
+
+
+def scaled_steps(method: str, images: int) -> dict[int, int]:
+    """{stage: optimiser steps} so that the method sees `images` instance images in all,
+    split over its stages as its reference recipe splits them."""
+    stages = stage_presets(method, _fast(method))
+    per_step = {
+        i: s.get("batch_size", 8) * s.get("gradient_accumulation_steps", 1)
+        for i, s in stages.items()
+    }
+    seen = {i: stages[i]["train_steps"] * per_step[i] for i in stages}
+    total = sum(seen.values())
+    return {i: max(MIN_STEPS, round(images * seen[i] / total / per_step[i])) for i in stages}
+
+
+def method_flags(method: str, images: int) -> list[str]:
+    """train_attndreambooth.py flags of one method in the miniature."""
+    flags = ["--fast"] if _fast(method) else []
+    for stage, steps in scaled_steps(method, images).items():
+        flags += [f"--{PREFIX[stage]}_train_steps", str(steps)]
+    if method in ("dreambooth", "ti_db"):
+        flags += PRIOR
+    if method == "core":
+        flags += ["--core_prompts", str(PROMPTS)]
+    return flags
+
+
+def study_argv(args) -> list[str]:
+    """The evaluate.py study command line."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    concepts = Path(args.out) / "concepts.json"
+    train = ["--resolution", "64"] + [
+        x for p in PREFIX.values() for x in (f"--{p}_validation_steps", "0")
+    ]
+    infer = ["--num_inference_steps", "25", "--resolution", "64", "--infer_batch_size", "10"]
+    argv = [
+        str(ROOT / "evaluate.py"), "study",
+        "--concepts", str(concepts),
+        "--prompts", str(PROMPTS),
+        "--out", str(args.out),
+        "--pretrained_model_name_or_path", str(args.models / "base"),
+        "--clip_model", str(args.models / "clip"),
+        "--dino_model", str(args.models / "dino"),
+        "--oracle_model", str(args.models / "oracle"),
+        "--methods", ",".join(methods),
+        "--stages", "1,3",
+        "--num_images_per_prompt", str(args.images_per_prompt),
+        "--seed", str(args.seed),
+        "--batch_size", "20",
+        "--train_args", shlex.join(train),
+        "--infer_args", shlex.join(infer),
+    ]  # fmt: skip
+    for m in methods:
+        argv += ["--method_args", f"{m}={shlex.join(method_flags(m, args.images))}"]
+    return argv
+
+
+def write_concepts(out: Path, names: list[str]) -> Path:
+    """out/photos/<name>/ (64 px) for each concept and out/concepts.json listing them."""
+    entries = []
+    for name in names:
+        folder = write_concept(name, out / "photos", size=64)
+        category = CONCEPTS[name]["category"]
+        entries.append({"name": name, "dir": str(folder.resolve()), "category": category})
+    path = out / "concepts.json"
+    path.write_text(json.dumps(entries, indent=2) + "\n")
+    return path
+
+
+def main(args) -> int:
+    """`python -m attn_utils.toyworld study` (parsed in __main__.py)."""
+    names = args.name or sorted(CONCEPTS)
+    argv = study_argv(args)
+    if args.dry_run:
+        print(shlex.join([sys.executable, *argv]))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_concepts(out, names)
+    return subprocess.run([sys.executable, *argv], check=False).returncode

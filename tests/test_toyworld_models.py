@@ -1,0 +1,164 @@
+"""The toy world's models (issue 18): the shipped weights and their manifest, an exactly
+resuming pretraining, the oracle's scoring, and learning that shows: a short AttnDreamBooth run
+on a toy concept raises identity over the base model while the prompt's words still hold."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+from attn_utils.config import ConfigError
+from attn_utils.evaluate.oracle import Oracle, OracleNet
+from attn_utils.models import SHIPPED_MANIFEST, load_base_model, verify_shipped
+from attn_utils.toyworld import pretrain
+from attn_utils.toyworld.world import held_out_triples, is_held_out, scenes
+
+MODELS = ROOT / "models" / "toyworld"
+
+
+def test_the_shipped_models_match_their_manifest_and_stay_small():
+    manifest = json.loads((MODELS / SHIPPED_MANIFEST).read_text())
+    verify_shipped(MODELS, "--models")  # raises on any difference
+    files = [MODELS / f for f in manifest["files"]]
+    assert {f.relative_to(MODELS).parts[0] for f in files} == set(pretrain.PARTS)
+    assert sum(f.stat().st_size for f in files) < 25 * 2**20
+    assert manifest["seed"] == 0 and "attn_utils.toyworld pretrain" in manifest["command"]
+    assert len(manifest["commit"]) == 40
+
+
+def test_an_altered_shipped_file_is_refused_with_one_line_naming_it(tmp_path):
+    copy = tmp_path / "toyworld"
+    shutil.copytree(MODELS, copy)
+    weights = copy / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    r = subprocess.run(
+        [sys.executable, "-m", "attn_utils.toyworld", "verify", "--out", str(copy)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and str(weights) in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="diffusion_pytorch_model.safetensors does not match"):
+        load_base_model(str(copy / "base"))
+    verify_shipped(copy / "clip", "--clip_model")  # the other parts are still good
+    (copy / "oracle" / "config.json").unlink()
+    with pytest.raises(ConfigError, match="oracle/config.json is missing"):
+        verify_shipped(copy / "oracle", "--oracle_model")
+
+
+def test_held_out_combinations_never_reach_pretraining():
+    assert 15 <= len(held_out_triples()) <= 30
+    for s in scenes(5, 400, training=True):
+        for t in (s.thing, s.other):
+            assert t is None or not is_held_out(t.category, t.colour, s.place)
+    assert any(is_held_out(s.thing.category, s.thing.colour, s.place) for s in scenes(5, 400))
+
+
+def _quick(tmp_path, **changes):
+    budget = dataclasses.replace(pretrain.QUICK, scenes=64, vae_batch=4, **changes)
+    return pretrain.Pretrainer(tmp_path / "work", tmp_path / "out", 0, budget, 2, ["test"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_an_interrupted_pretraining_resumes_exactly_from_its_last_checkpoint(tmp_path):
+    whole = _quick(tmp_path / "a")
+    whole.phase_data()
+    torch.manual_seed(0)  # as Pretrainer.run seeds each phase
+    whole.phase_vae()
+    cut = _quick(tmp_path / "b")
+    cut.phase_data()
+    torch.manual_seed(0)
+    real_train = pretrain._train
+
+    def train_until_5(name, work, steps, modules, opt, loss_fn, *a, **k):
+        def stopping(step):
+            if step == 5:
+                raise _Stop
+            return loss_fn(step)
+
+        return real_train(name, work, steps, modules, opt, stopping, *a, **k)
+
+    pretrain._train = train_until_5
+    try:
+        with pytest.raises(_Stop):
+            cut.phase_vae()
+    finally:
+        pretrain._train = real_train
+    assert (cut.work / "vae.ckpt").is_file()  # steps 0-3 are saved (every 2), step 4 is lost
+    torch.manual_seed(1)  # the initialisation is overwritten by the checkpoint
+    cut.phase_vae()  # resumes at step 4
+    from safetensors.torch import load_file
+
+    a = load_file(str(whole.work / "vae" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(cut.work / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _FixedNet(torch.nn.Module):
+    """Says: beach; photo; a toy and a ball; red (probabilities as logits below)."""
+
+    def forward(self, x):
+        b = len(x)
+
+        def rows(values):
+            return torch.tensor(values, dtype=torch.float32).repeat(b, 1)
+
+        return {
+            "place": rows([5.0, 0, 0]),
+            "style": rows([4.0, 0]),
+            "category": rows([3.0, 3.0, -3.0]),
+            "colour": rows([3.0, -3.0]),
+        }
+
+
+def test_the_oracle_checks_exactly_the_attributes_a_prompt_names():
+    config = {
+        "heads": {
+            "place": ["beach", "snow", "night"],
+            "style": ["photo", "sketch"],
+            "category": ["toy", "ball", "cup"],
+            "colour": ["red", "blue"],
+        },
+        "multi_label": ["category", "colour"],
+        "image_size": 8,
+    }
+    oracle = Oracle(_FixedNet(), config)
+    im = Image.new("RGB", (8, 8))
+    prompts = [
+        "a photo of a red toy on the beach",  # 4 named, all seen
+        "a sketch of a toy in the snow",  # style and place wrong, category right
+        "a photo of a toy next to a blue cup",  # photo, toy right; cup and blue absent
+        "new_concept_v0",  # nothing named
+    ]
+    got = oracle.scores([im] * 4, prompts)
+    assert got[:3].tolist() == [1.0, 1 / 3, 0.5] and np.isnan(got[3])
+    net = OracleNet(config["heads"], width=8)  # the real net: its heads have the label counts
+    out = net(torch.zeros(2, 3, 16, 16))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "place": (2, 3), "style": (2, 2), "category": (2, 3), "colour": (2, 2)
+    }  # fmt: skip
+
+
+def test_the_cli_names_the_known_concepts_for_an_unknown_one(tmp_path):
+    for argv in (
+        ["concepts", "--out", str(tmp_path), "--name", "nope"],
+        ["study", "--out", str(tmp_path), "--name", "nope", "--dry_run"],
+    ):
+        r = subprocess.run([sys.executable, "-m", "attn_utils.toyworld", *argv], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert "unknown toy concept 'nope'" in r.stderr and "checker_toy" in r.stderr
+    assert not any(tmp_path.iterdir())
