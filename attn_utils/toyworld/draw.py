@@ -146,11 +146,23 @@ def _pattern(t: Thing, s: int, cx: float, cy: float, h: float) -> Image.Image:
     return img
 
 
-def _thing_layer(t: Thing, s: int, photo: bool) -> Image.Image:
-    """The thing as an RGBA layer over the whole canvas (rotated, rimmed, shaded for photos)."""
-    cx, cy, h = t.x * s, t.y * s, SIZES[t.size] * t.scale * s
+def _geometry(t: Thing, s: int) -> tuple[float, float, float]:
+    """The thing's centre and half-height in pixels of an s x s canvas."""
+    return t.x * s, t.y * s, SIZES[t.size] * t.scale * s
+
+
+def _silhouette(t: Thing, s: int) -> Image.Image:
+    """The thing's unrotated silhouette (L, 255 inside)."""
+    cx, cy, h = _geometry(t, s)
     mask = Image.new("L", (s, s), 0)
     _shape(ImageDraw.Draw(mask), t.category, cx, cy, h)
+    return mask
+
+
+def _thing_layer(t: Thing, s: int, photo: bool) -> Image.Image:
+    """The thing as an RGBA layer over the whole canvas (rotated, rimmed, shaded for photos)."""
+    cx, cy, h = _geometry(t, s)
+    mask = _silhouette(t, s)
     surface = _pattern(t, s, cx, cy, h)
     if t.rim:
         width = max(3, 2 * round(0.07 * h) + 1)  # odd, and about a tenth of the thing's size
@@ -209,3 +221,16 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
             img = Image.alpha_composite(img, _thing_layer(t, big, scene.style == "photo"))
     img = img.convert("RGB").resize((size, size), Image.Resampling.BOX)
     return _stylise(img, scene.style, rng)
+
+
+def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: where the scene's things are (render's geometry)."""
+    big = 2 * size
+    total = np.zeros((big, big), np.float32)
+    for t in (scene.thing, scene.other):
+        if t is not None:
+            cx, cy, _ = _geometry(t, big)
+            m = _silhouette(t, big).rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
+            total = np.maximum(total, np.asarray(m, np.float32) / 255)
+    img = Image.fromarray((total * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BOX)
+    return np.asarray(img, np.float32) / 255

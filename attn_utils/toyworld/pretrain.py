@@ -54,7 +54,7 @@ class Budget:
     """Sizes and step counts of a pretraining; FULL is the shipped one."""
 
     scenes: int = 32000
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 32
     unet_steps: int = 1900
     unet_batch: int = 64
@@ -364,7 +364,8 @@ class Pretrainer:
         timings_path = self.work / "timings.json"
         if timings_path.is_file():
             self.times = json.loads(timings_path.read_text())
-        for phase in ("data", "vae", "latents", "unet", "clip", "oracle", "export", "report"):
+        phases = ("data", "masks", "vae", "latents", "unet", "clip", "oracle", "export", "report")
+        for phase in phases:
             done = self.work / f"{phase}.done"
             if done.is_file():
                 continue
@@ -380,19 +381,36 @@ class Pretrainer:
     def phase_data(self) -> None:
         render_data(self.work / "data.npz", self.seed, self.budget.scenes)
 
+    def phase_masks(self) -> None:
+        """Where the things are in each training scene: the VAE weighs those pixels more."""
+        from attn_utils.toyworld.draw import object_mask
+
+        world = scenes(self.seed, self.budget.scenes, training=True)
+        masks = np.stack([object_mask(s, SIZE) for s in tqdm(world, desc="masks")])
+        tmp = self.work / "masks.tmp.npz"
+        np.savez(tmp, masks=(masks * 255).round().astype(np.uint8))
+        os.replace(tmp, self.work / "masks.npz")
+
     def phase_vae(self) -> None:
+        masks = np.load(self.work / "masks.npz", allow_pickle=False)["masks"]
         vae = make_vae()
         opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
         b = self.budget
 
         def loss_fn(step):
             idx, rng = self._batch("vae", step, b.vae_batch)
-            x = _flip(to_unit(self.data["images"][idx]), rng)
+            m = torch.from_numpy(masks[idx]).float()[:, None] / 255
+            xm = _flip(torch.cat([to_unit(self.data["images"][idx]), m], 1), rng)
+            x, m = xm[:, :3], xm[:, 3:]
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=_torch_gen(rng))
             rec = vae.decode(z).sample
             err = rec - x
-            return err.abs().mean() + err.pow(2).mean() + 1e-6 * post.kl().mean()
+            # The things are a tenth of the pixels but all of a concept's identity: their
+            # pixels weigh 10x, or the VAE learns backgrounds and blurs what concepts are made of.
+            w = 1 + 9 * m
+            w = w / w.mean()
+            return (w * err.abs()).mean() + (w * err.pow(2)).mean() + 1e-6 * post.kl().mean()
 
         _train("vae", self.work, b.vae_steps, {"vae": vae}, opt, loss_fn, self.every, lr=1e-3)
         vae.save_pretrained(str(self.work / "vae"), safe_serialization=True)
