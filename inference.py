@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         "its keys are the placeholder tokens",
     )
     src.add_argument(
-        "--checkpoint_path", metavar="DIR", help="a folder holding unet/ (and text_encoder/)"
+        "--checkpoint_path",
+        metavar="DIR",
+        help="a folder holding unet/ (and text_encoder/), or unet_lora/ (a LoRA on the base U-Net)",
     )
     src.add_argument(
         "--category_token",
@@ -172,6 +174,8 @@ def run(ns: argparse.Namespace) -> int:
     jobs = make_jobs(templates, src.tokens, src.prompt_category)
     concept = load_concept(src)
     log.info("U-Net: %s", src.unet_path or f"base model {src.model}")
+    for folder in src.unet_loras:
+        log.info("LoRA merged into it: %s", folder)
     log.info("text encoder: %s", src.text_encoder_path or f"base model {src.model}")
     if ns.export_pipeline:  # before any cast: the export keeps the fp32 weights
         out = export_pipeline(concept, ns.export_pipeline, scheduler)

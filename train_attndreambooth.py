@@ -19,6 +19,7 @@ from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError, RunConfig
 from attn_utils.run_flags import add_run_flags, add_stage_flags
 from attn_utils.runfiles import writable_dir
+from attn_utils.train.lora import add_lora_flags
 from attn_utils.train.methods import add_method_flags, config_from_args
 from attn_utils.train.speed_flags import add_speed_flags
 
@@ -32,6 +33,7 @@ def build_parser() -> Parser:
     add_method_flags(p)  # --method and prior preservation (attn_utils/train/methods.py)
     add_speed_flags(p)  # precision, memory, kernels (attn_utils/train/speed_flags.py)
     add_stage_flags(p)  # --ti_* / --attn_* / --unet_* (attn_utils/run_flags.py)
+    add_lora_flags(p)  # --attn_lora_* / --unet_lora_* (attn_utils/train/lora.py)
     return p
 
 
@@ -103,7 +105,8 @@ def finished(cfg: RunConfig) -> str:
     run = Path(cfg.output_dir)
     tokens = " ".join(cfg.placeholder_tokens)
     made = [rf.stage_dir(run, k) for k in (1, 2, 3) if rf.stage_info(run, k) is not None]
-    weights = [d / rf.EMBEDS_FILE if d.name == "stage_1" else d / "unet" for d in made]
+    lora = lambda d: d / rf.UNET_LORA_DIR if (d / rf.UNET_LORA_DIR).is_dir() else d / "unet"
+    weights = [d / rf.EMBEDS_FILE if d.name == "stage_1" else lora(d) for d in made]
     prompt = "a {} in the snow"
     concept = tokens if cfg.token_alone else f"{tokens} {cfg.category}"
     command = [

@@ -56,6 +56,11 @@ class StageConfig:
     context_attention_weight: float = 0.0
     norm_hold_start: int = 0  # the step whose norm is kept (0: no hold)
     norm_hold_end: int = 0  # the last step after which [V] is rescaled to it
+    # LoRA adapters instead of the stage's full trainable set (stages 2-3, train/lora.py)
+    lora_rank: int = 0  # 0: the full weights train (the paper's)
+    lora_alpha: float | None = None  # scale alpha / rank; None: the rank (scale 1)
+    lora_dropout: float = 0.0  # on the adapters' input
+    lora_targets: str | None = None  # stage 2: attn2; stage 3: attention | all
 
     @property
     def name(self) -> str:
@@ -192,6 +197,8 @@ class RunConfig:
         stages = []
         for s in self.stages:
             d = dataclasses.asdict(s)
+            if not s.lora_rank:  # full fine-tuning: the plan reads as before LoRA existed
+                d = {k: v for k, v in d.items() if not k.startswith("lora_")}
             d["name"] = s.name
             d["run"] = s.index in self.run_stages
             stages.append(d)

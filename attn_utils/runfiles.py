@@ -4,6 +4,8 @@
     stage_1/learned_embeds.safetensors   {token: tensor[dim]}; stage_info.json
     stage_2/unet/, stage_3/unet/          diffusers layout; stage_info.json
     stage_3/text_encoder/                 only when --train_text_encoder (DreamBooth)
+    stage_2/unet_lora/, stage_3/unet_lora/ instead of unet/ with --attn_lora_rank /
+                                          --unet_lora_rank: diffusers' LoRA file (safetensors)
     checkpoints/checkpoint-s<k>-<step>/   resumable state (attn_utils.train.checkpoint)
 
 A folder or file appears under its final name only once complete (written beside it, then
@@ -36,6 +38,8 @@ EMBEDS_FILE = "learned_embeds.safetensors"
 STAGE_INFO = "stage_info.json"
 TEXT_ENCODER_DIR = "text_encoder"  # beside unet/ in a stage folder; the pipeline's subfolder
 TEXT_ENCODER_WEIGHTS = "model.safetensors"
+UNET_LORA_DIR = "unet_lora"  # a LoRA stage's result, in place of unet/
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights looks for
 
 
 # ---------------------------------------------------------------- layout

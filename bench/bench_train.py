@@ -146,11 +146,13 @@ def run_variant(job: dict) -> dict:
                     _sync(device)
                     if i >= job["warmup"]:
                         times.append((time.perf_counter() - t0) * 1e3)
+                optimizer_bytes = run.optimizer_bytes()
             ms = statistics.median(times)
             out["results"].append(dict(
                 variant=v.name, stage=stage, mode=mode, ms=ms, ms_all=times,
                 peak_mib=read_peak_mib(device), memory_metric=scope, setup_ms=run.setup_ms,
-                trainable=run.n_trainable, losses=losses, load_average=os.getloadavg()[0],
+                trainable=run.n_trainable, optimizer_bytes=optimizer_bytes, losses=losses,
+                load_average=os.getloadavg()[0],
             ))  # fmt: skip
             del run
             print(f"[bench] {v.name} stage {stage} {mode}: {ms:.1f} ms/step", file=sys.stderr)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from attn_utils.argparsing import Parser  # noqa: E402
 
-PARTS = ("recipe", "pool", "bash", "resume", "fast", "flags", "inference")
+PARTS = ("recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora")
+LORA_FLAGS = ["--attn_lora_rank", "4", "--unet_lora_rank", "4"]  # issue 19: adapters, rank 4
 # Short runs of flag combinations: (name, flags); steps are cut to SHORT_STEPS.
 FLAG_RUNS = {
     "plain_fp32": ["--mixed_precision", "no"],
@@ -197,6 +198,35 @@ def part_inference(s: Setup) -> dict:
     return {"inference": r, "export_load": loaded, "export_loads": loaded["rc"] == 0}
 
 
+def part_lora(s: Setup) -> dict:
+    """The recipe with rank-4 adapters in stages 2-3 (peak memory of each stage), stage 3 again
+    with gradient checkpointing, and the adapters in plain diffusers (load_lora_weights)."""
+    full = train(s, "lora", *LORA_FLAGS)
+    with_stages_1_2(s, "lora", "lora_ckpt")
+    ckpt = train(s, "lora_ckpt", *LORA_FLAGS, "--gradient_checkpointing", fresh=False,
+                 stages_trained=("3",))  # fmt: skip
+    run = s.out / "runs" / "lora"
+    files = {k: run / f"stage_{k}" / "unet_lora" / "pytorch_lora_weights.safetensors"
+             for k in (2, 3)}  # fmt: skip
+    res = "64" if s.tiny else str(s.resolution)
+    check = (
+        "import sys, torch; from diffusers import StableDiffusionPipeline as P; "
+        "d = 'cuda' if torch.cuda.is_available() else 'cpu'; p = P.from_pretrained(sys.argv[1]); "
+        "p.load_lora_weights(sys.argv[2], adapter_name='s2'); "
+        "p.load_lora_weights(sys.argv[3], adapter_name='s3'); p.set_adapters(['s2', 's3']); "
+        "p = p.to(d); p.set_progress_bar_config(disable=True); "
+        f"im = p('a photo', num_inference_steps=2, height={res}, width={res}).images[0]; "
+        "print('lora ok', im.size)"
+    )
+    loaded = launch([sys.executable, "-c", check, str(s.model),
+                     *[str(f.parent) for f in files.values()]])  # fmt: skip
+    return {
+        "run": full, "ckpt": ckpt, "load": loaded, "lora_loads": loaded["rc"] == 0,
+        "file_mib": {k: round(f.stat().st_size / 2**20, 3) for k, f in files.items()
+                     if f.is_file()},
+    }  # fmt: skip
+
+
 def run_parts(s: Setup, parts: list[str]) -> dict:
     res: dict = {}
     if "recipe" in parts:  # exact per-step augmentation, no validation, no checkpoints
@@ -226,6 +256,8 @@ def run_parts(s: Setup, parts: list[str]) -> dict:
             res["flags"][name] = train(s, f"flags-{name}", *FLAG_RUNS[name], steps=s.short)
     if "inference" in parts:
         res["inference"] = part_inference(s)
+    if "lora" in parts:
+        res["lora"] = part_lora(s)
     return res
 
 
@@ -241,6 +273,9 @@ def summary(res: dict) -> dict:
         "peak_gib_8bit_ckpt": _dig(flags, ("8bit_ckpt", "peak_gib")),
         "resume_ok": get("resume", "resume_ok"),
         "export_loads": get("inference", "export_loads"),
+        "peak_gib_lora_stage_3": get("lora", "run", "stages", "3", "peak_gib"),
+        "peak_gib_lora_stage_3_ckpt": get("lora", "ckpt", "stages", "3", "peak_gib"),
+        "lora_loads": get("lora", "lora_loads"),
         "failed_runs": sorted(_failures(res)),
     }
 

@@ -37,11 +37,15 @@ class Variant:
     compile: bool = False
     cache_latents: bool = False
     no_text_cache: bool = False  # ours with the text encoder on B copies every step
+    # issue 19: rank-R LoRA adapters in stages 2-3 ("lora" = rank 4, "lora16" = rank 16) on
+    # the stage's default targets (stage 2: attn2; stage 3: every attention projection)
+    lora_rank: int = 0
 
     @property
     def name(self) -> str:
         flags = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is True]
-        return "+".join([self.precision] + flags)
+        lora = [f"lora{self.lora_rank}"] if self.lora_rank else []
+        return "+".join([self.precision] + flags + lora)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -51,10 +55,12 @@ class Variant:
                 if "precision" in kw:
                     raise ValueError(f"variant {spec!r}: more than one precision")
                 kw["precision"] = tok
-            elif tok in {f.name for f in dataclasses.fields(cls)} - {"precision"}:
+            elif tok.startswith("lora") and (tok[4:].isdigit() or tok == "lora"):
+                kw["lora_rank"] = int(tok[4:] or 4)
+            elif tok in {f.name for f in dataclasses.fields(cls)} - {"precision", "lora_rank"}:
                 kw[tok] = True
             else:
-                names = ", ".join(f.name for f in dataclasses.fields(cls)[1:])
+                names = ", ".join(f.name for f in dataclasses.fields(cls)[1:-1]) + ", lora<R>"
                 raise ValueError(
                     f"variant {spec!r}: unknown feature {tok!r} (fp32|bf16|fp16, {names})"
                 )
@@ -99,6 +105,7 @@ class StageRun:
     def __init__(self, m, stage: int, mode: str, v: Variant, pixels, pool=None) -> None:
         from attn_utils.config import PAPER_STAGES, RunConfig, StageConfig
         from attn_utils.method.capture import TokenStats
+        from attn_utils.train.lora import TARGETS
         from attn_utils.train.runtime import build_optimizer
         from attn_utils.train.stages import select_trainable
 
@@ -106,7 +113,10 @@ class StageRun:
         self.pixels, self.pool = pixels, pool  # (B, 3, R, R) in [-1, 1]; LatentPool or None
         self.device = pixels.device
         b = pixels.shape[0]
-        self.sc = StageConfig(index=stage, **{**PAPER_STAGES[stage], "batch_size": b})
+        lora = dict(lora_rank=v.lora_rank, lora_targets=TARGETS[stage][0]) if v.lora_rank else {}
+        if stage == 1:
+            lora = {}  # no U-Net weights train in stage 1
+        self.sc = StageConfig(index=stage, **{**PAPER_STAGES[stage], "batch_size": b, **lora})
         self.stats = TokenStats()
         self.stats.columns = m.columns
         self.keep = None  # original stage 1: rows of the table to restore after each step
@@ -120,7 +130,8 @@ class StageRun:
             self.frozen_rows = table.detach().clone()
             self.params, plist = None, [table]
         else:
-            self.params = select_trainable(stage, m.unet, m.text_encoder, m.token_ids)
+            self.params = select_trainable(stage, m.unet, m.text_encoder, m.token_ids,
+                                           lora=self.sc)  # fmt: skip
             plist = list(self.params.named.values())
         self.plist = plist
         self.n_trainable = sum(p.numel() for p in plist)
@@ -159,10 +170,19 @@ class StageRun:
 
         self._ctx.close()
         if self.params is not None:
-            finish_trainable(self.stage, self.params, self.m.text_encoder)
+            finish_trainable(self.stage, self.params, self.m.text_encoder, self.m.unet)
         for p in self.m.text_encoder.parameters():
             p.requires_grad_(False)
         self.optimizer = None
+
+    def optimizer_bytes(self) -> int:
+        """Bytes of the optimiser's state tensors (AdamW: two moments per trained number)."""
+        return sum(
+            t.numel() * t.element_size()
+            for st in self.optimizer.state.values()
+            for t in st.values()
+            if isinstance(t, torch.Tensor)
+        )
 
     def text(self) -> torch.Tensor:
         """(1 or B, 77, D) text states, the way this mode gets them."""

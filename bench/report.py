@@ -37,6 +37,31 @@ def _f(x: float | None, spec: str = "{:.1f}") -> str:
     return "n/a" if x is None else spec.format(x)
 
 
+def _trainable_table(report: dict, rows: dict) -> list[str]:
+    """What each variant trains (ours): parameters and optimiser-state bytes against the
+    baseline variant (LoRA against full fine-tuning when the baseline is a full one)."""
+    base = report["variants"][0]
+    out = [
+        "",
+        f"Trained parameters and optimiser state (ours; baseline {base}):",
+        "",
+        "| variant | stage | trained params | optimiser state MiB | params vs baseline "
+        "| state vs baseline |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for q in report["ratios"]:
+        o, b = rows.get((q["variant"], q["stage"], "ours")), rows.get((base, q["stage"], "ours"))
+        if not o or "optimizer_bytes" not in o:
+            continue
+        rel = [o[k] / b[k] if b and b.get(k) else None for k in ("trainable", "optimizer_bytes")]
+        out.append(
+            f"| {q['variant']} | {q['stage']} | {o['trainable']:,} "
+            f"| {o['optimizer_bytes'] / 2**20:.2f} | {_f(rel[0], '{:.4f}x')} "
+            f"| {_f(rel[1], '{:.4f}x')} |"
+        )
+    return out
+
+
 def markdown(report: dict) -> str:
     """The report as markdown tables: steps, projected recipe, validation, errors."""
     c, env = report["config"], report["env"] or {}
@@ -77,6 +102,7 @@ def markdown(report: dict) -> str:
         per = [_f(pr["per_stage_s"].get(s)) for s in (1, 2, 3)]
         total = _f(pr["recipe_s"]) + ("" if pr["complete"] else " (partial)")
         out.append(f"| {pr['variant']} | {pr['mode']} | {' | '.join(per)} | {total} |")
+    out += _trainable_table(report, rows)
     val = report.get("validation")
     if val and "error" not in val:
         out += [

@@ -155,3 +155,24 @@ def test_original_stage1_trains_the_table_and_restores_other_rows(small):
     assert not table.requires_grad
     with torch.no_grad():
         table.copy_(before)
+
+
+def test_lora_variant_trains_only_adapters_and_reports_their_optimizer_state(small):
+    """Issue 19: 'lora<R>' variants; the trained set and AdamW state against full training."""
+    m, pixels = small
+    assert Variant.parse("bf16+lora") == Variant(precision="bf16", lora_rank=4)
+    assert Variant.parse("fp32+lora16").name == "fp32+lora16"
+    saved = {k: v.clone() for k, v in m.unet.state_dict().items()}
+    out = {}
+    for v in (Variant(), Variant(lora_rank=4)):
+        with StageRun(m, 3, "ours", v, pixels) as run:
+            run.step(0)
+            out[v.name] = (run.n_trainable, run.optimizer_bytes())
+            names = [n for n, p in m.unet.named_parameters() if p.requires_grad]
+            assert all(".lora_" in n for n in names) == (v.lora_rank > 0)
+        m.unet.load_state_dict(saved)
+    assert not any("lora" in n for n, _ in m.unet.named_modules())  # taken out on exit
+    (full, full_bytes), (lora, lora_bytes) = out["fp32"], out["fp32+lora4"]
+    assert full == sum(p.numel() for p in m.unet.parameters()) and 0 < lora < full / 20
+    assert 8 * lora <= lora_bytes < 8 * lora + 4096  # two fp32 moments (+ step counters)
+    assert 8 * full <= full_bytes < 8 * full + 4096

@@ -24,10 +24,17 @@ def test_e2e_runs_every_part_and_reports_the_keys(tmp_path):
     # peak memory is max_memory_allocated: a CUDA number, absent on the CPU
     assert s["peak_gib_plain"] is None and s["peak_gib_8bit_ckpt"] is None
     r = report["results"]
-    assert set(r) == {"recipe", "pool", "bash", "resume", "fast", "flags", "inference"}
+    assert set(r) == {"recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora"}
     assert set(r["recipe"]["stages"]) == {"1", "2", "3"}
     assert all(v["train_seconds"] > 0 for v in r["recipe"]["stages"].values())
     assert r["resume"]["resumed"]["stages"]["3"]["steps"] == 12
     assert set(r["flags"]) == {"ckpt", "no_offload"}
+    # issue 19: the adapters of stages 2-3 load in plain diffusers; a few kB on the tiny model
+    assert s["lora_loads"] is True and s["peak_gib_lora_stage_3"] is None
+    assert 0 < r["lora"]["file_mib"]["3"] < 1 and set(r["lora"]["ckpt"]["stages"]) == {
+        "1",
+        "2",
+        "3",
+    }
     shown = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert shown["device"] == "cpu" and shown["resume_ok"] is True

@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from attn_utils.config import ConfigError, load_run_config
 from attn_utils.models import check_model_source, load_base_model
+from attn_utils.render.lora import load_unet_lora, lora_folder
 from attn_utils.render.pipeline import make_pipeline
 from attn_utils.runfiles import (
     EMBEDS_FILE,
+    UNET_LORA_DIR,
     load_embeddings,
     load_text_encoder,
     stage_dir,
@@ -50,6 +52,8 @@ class ConceptSource:
     run_dir: str | None = None
     text_encoder_path: str | None = None  # a trained text encoder's folder; None: the base's
     token_alone: bool = False  # '{}' becomes [V] without the category (ti --token_alone)
+    # LoRA folders (unet_lora/) merged into that U-Net in this order: the LoRA stages after it
+    unet_loras: list[str] = field(default_factory=list)
 
     @property
     def prompt_category(self) -> str | None:
@@ -86,22 +90,32 @@ def _unet_folder(path: Path, flag: str) -> str:
     for cand in (path / "unet", path):
         if (cand / "config.json").is_file() and any(cand.glob("diffusion_pytorch_model*")):
             return str(cand)
-    raise ConfigError(f"{flag}: {path} holds no diffusers U-Net (expected {path / 'unet'}/)")
+    raise ConfigError(
+        f"{flag}: {path} holds no diffusers U-Net (expected {path / 'unet'}/ or "
+        f"{path / UNET_LORA_DIR}/)"
+    )
 
 
 def _run_stage(run: Path, stage: int | None, checkpoint_path: str | None):
-    """(stage, U-Net folder) of a run folder: --stage, else the last completed stage."""
+    """(stage, U-Net folder, LoRA folders) of a run folder: --stage, else the last completed
+    stage. A LoRA stage stacks on the stages before it, down to a full U-Net or the base."""
     done = [k for k in (1, 2, 3) if stage_info(run, k) is not None]
     if stage is None and checkpoint_path is None:
         stage = max([k for k in done if k >= 2], default=1)  # 1: the base U-Net
     if stage is None or stage == 1:
-        return stage, None
+        return stage, None, []
     if stage not in done:
         have = ", ".join(map(str, done)) or "none"
         raise ConfigError(
             f"--stage {stage}: {stage_dir(run, stage)} is not complete (completed stages: {have})"
         )
-    return stage, _unet_folder(stage_dir(run, stage), f"--stage {stage}")
+    loras: list[str] = []
+    for k in [k for k in done if 2 <= k <= stage][::-1]:
+        lora = lora_folder(stage_dir(run, k))
+        if lora is None:
+            return stage, _unet_folder(stage_dir(run, k), f"--stage {stage}"), loras
+        loras.insert(0, str(lora))
+    return stage, None, loras
 
 
 def _run_embedding(run: Path, stage: int) -> Path:
@@ -132,7 +146,7 @@ def resolve_source(
     if stage is not None and checkpoint_path is not None:
         raise ConfigError("--stage and --checkpoint_path: give one of them")
     tokens: list[str] = []
-    unet_path, token_alone = None, False
+    unet_path, token_alone, loras = None, False, []
     if run_dir is not None:
         run = Path(run_dir)
         if not run.is_dir():
@@ -145,14 +159,17 @@ def resolve_source(
         tokens, token_alone = cfg.placeholder_tokens, cfg.token_alone
         if cfg.identifier is not None:  # dreambooth: a rare word of the vocabulary, no file
             category, tokens = " ".join([*tokens, category or ""]).strip(), []
-        stage, unet_path = _run_stage(run, stage, checkpoint_path)
+        stage, unet_path, loras = _run_stage(run, stage, checkpoint_path)
         if cfg.identifier is None and embedding_path is None:
             embedding_path = str(_run_embedding(run, stage or 3))
     elif model is None:
         raise ConfigError("--run_dir or --pretrained_model_name_or_path: give one of them")
     check_model_source(model)
-    if checkpoint_path is not None:
-        unet_path = _unet_folder(Path(checkpoint_path), "--checkpoint_path")
+    if checkpoint_path is not None:  # a unet/ folder, or a unet_lora/ one on the base U-Net
+        lora = lora_folder(checkpoint_path)
+        loras = [str(lora)] if lora is not None else []
+        if lora is None:
+            unet_path = _unet_folder(Path(checkpoint_path), "--checkpoint_path")
     # text_encoder/ beside unet/ (stage_3/ of a --train_text_encoder run)
     text_encoder_path = trained_text_encoder(Path(unet_path).parent) if unet_path else None
     if embedding_path is not None:
@@ -183,6 +200,7 @@ def resolve_source(
         run_dir=None if run_dir is None else str(run_dir),
         text_encoder_path=text_encoder_path,
         token_alone=token_alone,
+        unet_loras=loras,
     )
 
 
@@ -209,6 +227,8 @@ def load_concept(src: ConceptSource) -> Concept:
     """Load the base model and U-Net, add the placeholder tokens and write their rows."""
     emb = load_embeddings(src.embedding_path) if src.embedding_path else {}
     m = load_base_model(src.model, src.revision, src.local_files_only, unet_path=src.unet_path)
+    for folder in src.unet_loras:  # merged: a plain U-Net renders and exports as before
+        load_unet_lora(m.unet, folder)
     if src.text_encoder_path:  # before the tokens: a dreambooth run adds none
         load_text_encoder(src.text_encoder_path, m.text_encoder)
     hidden = m.text_encoder.get_input_embeddings().weight.shape[1]

@@ -97,7 +97,7 @@ class StageActions:
                 stats.active = True
         self.acc.wait_for_everyone()
 
-    def _save_stage(self, k: int, step: int, checksums: list, timing: dict) -> None:
+    def _save_stage(self, k: int, step: int, checksums: list, timing: dict, lora=None) -> None:
         self.writer.wait()  # the stage's last checkpoint is on disk before it is superseded
         if self.acc.is_main_process:
             info = {
@@ -118,6 +118,7 @@ class StageActions:
                 info,
                 text_encoder_trained=trains_text_encoder(self.cfg, k),
                 embedding_trained=writes_embedding(self.cfg, k),
+                lora_state=lora,  # a LoRA stage's adapters, written instead of unet/
             )
             for old in ck.list_checkpoints(self.run_dir):  # superseded by the stage result
                 if old.name.startswith(f"checkpoint-s{k}-"):

@@ -34,6 +34,7 @@ from attn_utils.train.core import (
     core_overrides,
     read_core_prompts,
 )
+from attn_utils.train.lora import lora_fields, validate_lora
 from attn_utils.train.speed_flags import validate_speed_flags
 from attn_utils.train.text_training import (
     add_text_encoder_flags,
@@ -373,7 +374,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     words = " ".join(ns.initialize_token or []).strip() or None
     category = (ns.category or words or "").strip()
     presets = stage_presets(ns.method, ns.fast)
-    stages = []
+    lora, stages = lora_fields(ns, presets, ns.method), []
     for idx, prefix in STAGE_NAMES.items():
         given = {k: getattr(ns, f"{prefix}_{k}") for k in STAGE_KEYS}
         given = {k: v for k, v in given.items() if v is not None}
@@ -385,7 +386,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             continue
         vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
         vals.update(_stage_overrides(ns, idx, presets[idx]))
-        vals.update(core_overrides(ns, idx, presets[idx]))
+        vals.update(core_overrides(ns, idx, presets[idx]), **lora.get(idx, {}))
         stages.append(StageConfig(index=idx, **vals))
     # Every other field is the flag of the same name.
     same = {f.name for f in dataclasses.fields(RunConfig)} & set(vars(ns))
@@ -397,4 +398,5 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     validate(cfg)
     validate_speed_flags(cfg)
     validate_method(cfg)
+    validate_lora(cfg)
     return cfg

@@ -83,6 +83,7 @@ LATER_STAGE_KEYS = dict(
     crop="random", tune_embedding=False, embedding_learning_rate=None,
     context_embedding_weight=0.0,
     context_attention_weight=0.0, norm_hold_start=0, norm_hold_end=0,
+    lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets=None,
 )  # fmt: skip
 STAGE_IDENTITY = ("index", "learning_rate", "train_steps", "batch_size", "reg_mean_weight",
                   "reg_var_weight", "gradient_accumulation_steps")  # fmt: skip

@@ -28,6 +28,7 @@ from attn_utils.train.background import BackgroundWriter, HostSnapshot, finish_w
 from attn_utils.train.core import core_state
 from attn_utils.train.data import step_seed
 from attn_utils.train.loader import stage_loader
+from attn_utils.train.lora import dropout_rng, lora_info
 from attn_utils.train.meter import StepMeter
 from attn_utils.train.placement import (
     attention_backend,
@@ -55,6 +56,7 @@ from attn_utils.train.stages import (
     load_stage_result,
     missing_stage_message,
     select_trainable,
+    superseded,
 )
 from attn_utils.train.text_training import (
     sync_text_encoder_grads,
@@ -184,8 +186,7 @@ class Trainer(StageActions):
                     f"--output_dir: {rf.stage_dir(self.run_dir, stage)} was trained with "
                     "different data, base model or settings; use a new --output_dir"
                 )
-            later_done = any(rf.stage_info(self.run_dir, j) for j in range(stage + 1, 4))
-            if not (later_done and stage >= 2):  # a later U-Net supersedes this one
+            if not superseded(self.run_dir, stage):  # a later full U-Net holds this one
                 load_stage_result(
                     self.run_dir,
                     stage,
@@ -236,7 +237,7 @@ class Trainer(StageActions):
         self.stage_cfg = sc
         self.input_ids, self.columns = self.prompts[k]
         params = select_trainable(k, self.unet, self.text_encoder, self.token_ids,
-                                  sc.tune_embedding)  # fmt: skip
+                                  sc.tune_embedding, lora=sc, seed=cfg.seed)  # fmt: skip
         tuned = params.embedding if k >= 2 else None  # ti_db: [V] trains with the U-Net
         plist = [p for p in params.named.values() if tuned is None or p is not tuned.learned]
         optimizer = build_optimizer(plist, sc, cfg)
@@ -258,8 +259,8 @@ class Trainer(StageActions):
                 self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         # diffusers checkpoints only in train mode; CoRe's three forwards capture differently,
-        # which a recompute in the backward pass could not repeat
-        self.unet.train(cfg.gradient_checkpointing and self.core is None)
+        # which a recompute in the backward pass could not repeat; adapter dropout needs it
+        self.unet.train(cfg.gradient_checkpointing and self.core is None or sc.lora_dropout > 0)
         stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
         stats.columns = self.columns  # (1, k + category columns), on the device
         bar = tqdm(total=sc.train_steps, initial=start, desc=f"stage {k}",
@@ -297,8 +298,8 @@ class Trainer(StageActions):
         k, ga = run.sc.index, run.sc.gradient_accumulation_steps
         wrapped = run.unet is not self.unet
         no_sync = run.unet.no_sync() if wrapped and not sync else contextlib.nullcontext()
-        with no_sync, self._attention_backend():
-            seed = step_seed(self.cfg.seed, k, micro, self.acc.process_index)
+        seed = step_seed(self.cfg.seed, k, micro, self.acc.process_index)
+        with no_sync, self._attention_backend(), dropout_rng(run.sc, seed, self.device):
             self.micro = micro  # CoRe draws its regularisation prompt from it
             gen = torch.Generator(self.device).manual_seed(seed)
             with self._autocast():
@@ -341,9 +342,10 @@ class Trainer(StageActions):
         checksums = rank_checksums(run.plist, self.device)
         if self.cfg.validation_prompt and run.sc.validation_steps:
             self._validate(k, run.step, run.stats)
-        finish_trainable(k, run.params, self.text_encoder)
-        timing = {"train_seconds": round(train_s, 3), **peak_memory(self.device)}
-        self._save_stage(k, run.step, checksums, timing)
+        lora = {"lora": lora_info(run.sc, run.params.named)} if run.params.lora else {}
+        lora_state = finish_trainable(k, run.params, self.text_encoder, self.unet)
+        timing = {"train_seconds": round(train_s, 3), **peak_memory(self.device), **lora}
+        self._save_stage(k, run.step, checksums, timing, lora_state)
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
         """Denoising MSE and attention regulariser for one micro-batch."""
