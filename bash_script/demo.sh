@@ -43,14 +43,23 @@ CATEGORY=$("$PY" -c "from attn_utils.toyworld.concepts import CONCEPTS; print(CO
   --num_images_per_prompt 4 --infer_batch_size 16 \
   --num_inference_steps 25 --guidance_scale 4 --seed 0
 
-# One picture: the photos, then per prompt the base model's 4 images (the category word alone)
-# and the learned concept's 4 images.
-"$PY" -m attn_utils.toyworld overview --models "$MODELS" --concept_dir "$OUT/$CONCEPT" \
-  --images "$OUT/images" --category "$CATEGORY" --out "$OUT/overview.png"
+# The base model on the same prompts with the category word alone (same sampler and noise),
+# both folders scored with the toy world's metric models, and one picture of them.
+"$PY" -m attn_utils.toyworld baseline --base "$MODELS/base" --images "$OUT/images" \
+  --category "$CATEGORY" --out "$OUT/base_images"
+for what in base_images images; do
+  "$PY" evaluate.py --samples_dir "$OUT/$what" --instance_data_dir "$OUT/$CONCEPT" \
+    --category "$CATEGORY" --clip_model "$MODELS/clip" --dino_model "$MODELS/dino" \
+    --oracle_model "$MODELS/oracle" | sed "s|^|$what: |"
+done
+"$PY" -m attn_utils.toyworld overview --concept_dir "$OUT/$CONCEPT" --images "$OUT/images" \
+  --base_images "$OUT/base_images" --category "$CATEGORY" --out "$OUT/overview.png"
 
 cat <<MSG
 == demo finished: $OUT/overview.png
    Top row: the concept's photos. Then, per prompt, the base model without the concept
-   ("a photo of a $CATEGORY in the snow") and the learned concept ("a photo of [V] $CATEGORY in
-   the snow"). Renders: $OUT/images; the trained stages: $OUT/run.
+   ("a photo of a $CATEGORY in the snow") and the learned concept ("a photo of a [V] $CATEGORY
+   in the snow"), from the same starting noise. The two lines above score them: CLIP-I and
+   DINO (toy metric models) measure identity against the photos; CLIP-T and the oracle (the
+   share of the prompt's place, style, category and colour words it sees) text alignment.
 MSG

@@ -162,3 +162,43 @@ def test_the_cli_names_the_known_concepts_for_an_unknown_one(tmp_path):
         assert r.returncode == 2, r.stderr
         assert "unknown toy concept 'nope'" in r.stderr and "checker_toy" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_toy_study_of_one_concept_and_two_methods_writes_its_table(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {} in the snow\na sketch of a {}\n")
+    out = tmp_path / "study"
+    argv = ["study", "--out", str(out), "--name", "dotted_cup", "--methods", "attndreambooth,ti",
+            "--images", "40", "--images_per_prompt", "1", "--prompts", str(prompts)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "attn_utils.toyworld", *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"] == ["clip_t", "clip_i", "dino", "oracle"]
+    assert [row["variant"] for row in summary["rows"]] == ["stage_1", "stage_3", "ti"]
+    assert all(0 <= row["oracle"] <= 1 for row in summary["rows"])
+    table = (out / "summary.md").read_text()
+    assert "| Oracle |" in table and "Textual Inversion" in table
+    assert (out / "report.md").is_file() and (out / "concepts.json").is_file()
+
+
+def test_the_pretraining_is_deterministic_and_its_export_verifies(tmp_path):
+    """Two whole pretrainings (the QUICK size, report skipped) give bitwise-equal exports."""
+    hashes = []
+    for run in ("a", "b"):
+        p = _quick(tmp_path / run)
+        p.work.mkdir(parents=True, exist_ok=True)
+        (p.work / "report.done").write_text("ok\n")  # a finished phase is skipped
+        p.run()
+        manifest = json.loads((p.out / SHIPPED_MANIFEST).read_text())
+        verify_shipped(p.out, "--out")
+        hashes.append(manifest["files"])
+    assert hashes[0] == hashes[1]
+    assert {f.split("/")[0] for f in hashes[0]} == set(pretrain.PARTS)
+    # the exported folders load with the standard classes
+    from transformers import CLIPModel, CLIPVisionModel
+
+    CLIPModel.from_pretrained(str(tmp_path / "a" / "out" / "clip"))
+    CLIPVisionModel.from_pretrained(str(tmp_path / "a" / "out" / "dino"))
+    load_base_model(str(tmp_path / "a" / "out" / "base"))
+    Oracle.load(tmp_path / "a" / "out" / "oracle")

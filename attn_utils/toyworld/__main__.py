@@ -37,7 +37,7 @@ def build_parser() -> Parser:
                    "depend on it)")  # fmt: skip
     t.add_argument("--quick", action="store_true", help="a smoke run of every phase")
     t.add_argument("--scenes", type=int, default=0, help="override the number of scenes")
-    from attn_utils.toyworld.study import DEFAULT_METHODS, MODELS
+    from attn_utils.toyworld.study import DEFAULT_METHODS, MODELS, PROMPTS
 
     st = sub.add_parser("study", help="evaluate.py study on the toy world: the paper in miniature")
     st.add_argument("--out", required=True, help="the study's folder")
@@ -48,11 +48,17 @@ def build_parser() -> Parser:
     st.add_argument("--images_per_prompt", type=int, default=2, help="renders per prompt")
     st.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     st.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
+    st.add_argument("--prompts", type=Path, default=PROMPTS, help="the study's prompt file")
     st.add_argument("--dry_run", action="store_true", help="print the evaluate.py command")
+    b = sub.add_parser("baseline", help="render an inference.py folder's prompts with the base")
+    b.add_argument("--base", type=Path, default=MODELS / "base", help="the base model folder")
+    b.add_argument("--images", type=Path, required=True, help="an inference.py --save_dir")
+    b.add_argument("--category", required=True, help="the word that replaces {}")
+    b.add_argument("--out", type=Path, required=True, help="the folder to render into")
     o = sub.add_parser("overview", help="the demo's picture: photos, base and learned renders")
-    o.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
     o.add_argument("--concept_dir", type=Path, required=True, help="the concept's photos")
     o.add_argument("--images", type=Path, required=True, help="an inference.py --save_dir")
+    o.add_argument("--base_images", type=Path, required=True, help="a `baseline` --out")
     o.add_argument("--category", required=True, help="the concept's category word")
     o.add_argument("--out", type=Path, required=True, help="the picture to write")
     v = sub.add_parser("verify", help="check shipped models against their manifest.json")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("n", "size", "checkpoint_every", "threads", "images", "images_per_prompt"):
-        if getattr(args, flag, 1) < 1:
+        if isinstance(getattr(args, flag, 1), int) and getattr(args, flag, 1) < 1:
             parser.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
     out = Path(args.out)
     if args.command == "pretrain":
@@ -96,12 +102,17 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(study(args))
         except ValueError as e:
             parser.error(str(e))
-    if args.command == "overview":
+    if args.command in ("baseline", "overview"):
         from attn_utils.config import ConfigError
-        from attn_utils.toyworld.overview import write_overview
+        from attn_utils.toyworld import overview
 
         try:
-            write_overview(args.models, args.concept_dir, args.images, args.category, args.out)
+            if args.command == "baseline":
+                overview.render_baseline(args.base, args.images, args.category, args.out)
+            else:
+                overview.write_overview(
+                    args.concept_dir, args.images, args.base_images, args.category, args.out
+                )
         except ConfigError as e:
             parser.error(str(e))
         print(f"wrote {args.out}")

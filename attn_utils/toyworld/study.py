@@ -57,7 +57,7 @@ def method_flags(method: str, images: int) -> list[str]:
     if method in ("dreambooth", "ti_db"):
         flags += PRIOR
     if method == "core":
-        flags += ["--core_prompts", str(PROMPTS)]
+        flags += ["--core_prompts", str(PROMPTS)]  # CoRe's context prompts: toy words only
     return flags
 
 
@@ -75,7 +75,7 @@ def study_argv(args) -> list[str]:
     argv = [
         str(ROOT / "evaluate.py"), "study",
         "--concepts", str(concepts),
-        "--prompts", str(PROMPTS),
+        "--prompts", str(args.prompts),
         "--out", str(args.out),
         "--pretrained_model_name_or_path", str(args.models / "base"),
         "--clip_model", str(args.models / "clip"),
