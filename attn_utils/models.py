@@ -21,6 +21,7 @@ class BaseModel:
     vae: object
     unet: object
     noise_scheduler: object
+    family: str = "sd2"  # attn_utils.families: sd1 | sd2 | sdxl
 
 
 # Stability AI removed the whole SD 2 family from the Hub (~2025-11-13): these ids answer "not
@@ -55,19 +56,28 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
-def _load_parts(name_or_path: str, unet_path, kw: dict) -> BaseModel:
+def _load_parts(name_or_path: str, unet_path, kw: dict, family: str) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kw)
+    if family == "sdxl":  # both encoders driven as one (attn_utils/sdxl.py)
+        from attn_utils.sdxl import SDXLTextEncoders, check_tokenizers
+
+        tokenizer_2 = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **kw)
+        check_tokenizers(tokenizer, tokenizer_2, f"--pretrained_model_name_or_path: {name_or_path}")
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            name_or_path, subfolder="text_encoder_2", **kw
+        )
+        text_encoder = SDXLTextEncoders(text_encoder, text_encoder_2, tokenizer_2)
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw)
     if unet_path is not None:
         unet = UNet2DConditionModel.from_pretrained(unet_path, local_files_only=True)
     else:
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw)
     sched = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
-    return BaseModel(tokenizer, text_encoder, vae, unet, sched)
+    return BaseModel(tokenizer, text_encoder, vae, unet, sched, family)
 
 
 def load_base_model(
@@ -89,8 +99,11 @@ def load_base_model(
     flag = "--pretrained_model_name_or_path"
     if Path(name_or_path).is_dir():
         verify_shipped(name_or_path, flag)
+    from attn_utils.families import detect_family
+
+    family = detect_family(name_or_path, revision)  # an SDXL folder lacking a part stops here
     try:
-        m = _load_parts(name_or_path, unet_path, {**kw, "local_files_only": True})
+        m = _load_parts(name_or_path, unet_path, {**kw, "local_files_only": True}, family)
     except errors as cached_error:
         mirror = None if Path(name_or_path).is_dir() else REMOVED_HUB_IDS.get(name_or_path.lower())
         if mirror is not None:  # known dead: asking the Hub would only answer "not found"
@@ -109,7 +122,7 @@ def load_base_model(
                 "and the Hub is unreachable; pass a local diffusers folder"
             ) from None
         try:
-            m = _load_parts(name_or_path, unet_path, kw)
+            m = _load_parts(name_or_path, unet_path, kw, family)
         except errors as e:
             raise ConfigError(f"{flag}: {_hub_failure(name_or_path, e)}") from None
     for part in (m.text_encoder, m.vae, m.unet):  # frozen unless a stage unfreezes its own part

@@ -54,7 +54,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="word(s) whose embedding initialises [V] (default: --category; alone, it is the "
         "category too, as before)",
     )
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--resolution", type=int, default=None,
+                   help="default: 512 (SD 1.x / 2.x), 1024 (SDXL)")  # fmt: skip
     g.add_argument("--center_crop", action="store_true", help="the same as --crop center")
     g.add_argument(
         "--crop",

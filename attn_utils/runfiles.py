@@ -32,6 +32,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from attn_utils.config import ConfigError, first_line
+from attn_utils.sdxl import EMBED_KEYS as SDXL_KEYS
+from attn_utils.sdxl import TOKENS_META, sdxl_file_rows
 
 RUN_CONFIG = "run_config.json"
 EMBEDS_FILE = "learned_embeds.safetensors"
@@ -222,10 +224,23 @@ def recover_interrupted_writes(run_dir: Path) -> None:
 # ---------------------------------------------------------------- learned embeddings
 
 
-def save_embeddings(path: Path, tokens: list[str], embeds: torch.Tensor) -> None:
-    """{token: float32 tensor[dim]}: the format diffusers' load_textual_inversion reads."""
-    save_file({t: embeds[i].detach().float().cpu().contiguous() for i, t in enumerate(tokens)},
-              str(path))  # fmt: skip
+def save_embeddings(
+    path: Path, tokens: list[str], embeds: torch.Tensor, widths: tuple[int, int] | None = None
+) -> None:
+    """{token: float32 tensor[dim]}: the format diffusers' load_textual_inversion reads.
+
+    With `widths` (SDXL's two encoders) the (k, w1 + w2) rows are written as
+    {"clip_l": (k, w1), "clip_g": (k, w2)}, the layout of diffusers' SDXL examples (load each
+    with load_textual_inversion(..., token=tokens, text_encoder=..., tokenizer=...)); the
+    tokens go in the file's metadata.
+    """
+    rows = embeds.detach().float().cpu()
+    if widths is None:
+        save_file({t: rows[i].contiguous() for i, t in enumerate(tokens)}, str(path))
+        return
+    parts = {SDXL_KEYS[0]: rows[:, : widths[0]], SDXL_KEYS[1]: rows[:, widths[0] :]}
+    save_file({k: v.contiguous() for k, v in parts.items()}, str(path),
+              metadata={TOKENS_META: json.dumps(tokens)})  # fmt: skip
 
 
 def file_kind(path: Path) -> str:
@@ -263,10 +278,15 @@ def _load_tensor_pickle(path: Path):
         ) from None
 
 
-def load_embeddings(path: str | Path, dim: int | None = None) -> dict[str, torch.Tensor]:
+def load_embeddings(
+    path: str | Path, dim: int | None = None, widths: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     """Read {token: tensor[dim]} from .safetensors, or a legacy .bin without unpickling code.
 
     With `dim` (the text encoder's width), a vector of another width is refused, naming the file.
+    With `widths` (SDXL's two encoders), the file must hold clip_l and clip_g of those widths;
+    each token's vector is then both rows side by side. Without either, the layout is taken
+    as found.
     """
     path = Path(path)
     if not path.is_file():
@@ -287,6 +307,16 @@ def load_embeddings(path: str | Path, dim: int | None = None) -> dict[str, torch
         data = {"*": data["string_to_param"].get("*")}  # A1111-style textual-inversion file
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: expected a {{token: tensor}} mapping")
+    is_sdxl = set(data) == set(SDXL_KEYS)
+    if widths is not None and not is_sdxl:
+        have = ", ".join(map(repr, sorted(data)))
+        raise ConfigError(
+            f"{path}: holds {have}; an SDXL base model needs both clip_l and clip_g (one row "
+            "for each text encoder)"
+        )
+    if is_sdxl:
+        data = sdxl_file_rows(path, data, widths, one_encoder=dim is not None and widths is None)
+        dim = None
     out = {}
     for k, v in data.items():
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():

@@ -48,6 +48,7 @@ class Family:
     text: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)  # scheduler_config.json keys, _class_name too
     pad_token: str = "!"  # SD 2's tokenizer pads with "!"
+    sdxl: bool = False  # two text encoders and a text_time U-Net (_build_sdxl)
 
 
 # The real models' values are in the comments; widths are scaled down like the rest.
@@ -73,7 +74,20 @@ FAMILIES = {
         scheduler={"_class_name": "PNDMScheduler", "skip_prk_steps": True},
         pad_token="<|endoftext|>",
     ),
+    # stable-diffusion-xl-base-1.0: CLIP ViT-L (768, quick_gelu, pads with its end token) and
+    # OpenCLIP bigG (1280, gelu, projection 1280, pads with "!"), both configs with CLIP's
+    # legacy eos_token_id 2; a U-Net of 3 levels (no attention in the first; transformer
+    # depths 1, 2, 10 -> here 1, 1, 2) with addition_embed_type "text_time"; 1024 px, an
+    # Euler scheduler config, VAE scaling 0.13025. Built by _build_sdxl.
+    "sdxl": Family(
+        scheduler={"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading"},
+        pad_token="<|endoftext|>",
+        sdxl=True,
+    ),
 }
+SDXL_WIDTHS = (24, 40)  # the two text encoders' hidden sizes (real: 768, 1280)
+SDXL_POOLED = 32  # the second encoder's projection (real: 1280)
+SDXL_TIME_DIM = 8  # addition_time_embed_dim (real: 256)
 
 # Whole words that become single tokens, so prompts like "a photo of a sloth" tokenise as in SD.
 _WORDS = (
@@ -151,10 +165,12 @@ def _make_tokenizer(tok_dir: Path, pad_token: str = "!") -> CLIPTokenizer:
 def _build_into(path: Path, seed: int, family: Family) -> None:
     """Construct all components with fixed seeds and save the pipeline to `path`."""
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _make_tokenizer(path / "tokenizer", family.pad_token)
+    if family.sdxl:
+        return _build_sdxl(path, seed, family, tokenizer)
     # Each component gets its own seed so its weights do not depend on the others' sizes.
     torch.manual_seed(seed)
     unet_keys = dict(
@@ -174,18 +190,7 @@ def _build_into(path: Path, seed: int, family: Family) -> None:
     )
     unet = UNet2DConditionModel(**{**unet_keys, **family.unet})
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels -> 8x downsampling like SD
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.18215,
-    )
+    vae = _tiny_vae()
     torch.manual_seed(seed + 2)
     text_keys = dict(
         vocab_size=len(tokenizer),
@@ -220,6 +225,76 @@ def _build_into(path: Path, seed: int, family: Family) -> None:
     sched_cfg = json.loads(sched_cfg_path.read_text())
     sched_cfg.update({**sched_keys, "set_alpha_to_one": False})
     sched_cfg_path.write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _tiny_vae(scaling_factor: float = 0.18215, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels -> 8x downsampling like SD
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
+def _build_sdxl(path: Path, seed: int, family: Family, tokenizer) -> None:
+    """The SDXL-shaped tiny pipeline (FAMILIES["sdxl"]), saved to `path`."""
+    import diffusers
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer_2 = _make_tokenizer(path / "tokenizer_2", "!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 2, 4),  # head counts, as SDXL's (5, 10, 20)
+        cross_attention_dim=sum(SDXL_WIDTHS),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_POOLED,
+        norm_num_groups=8,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, num_hidden_layers=2,
+                  num_attention_heads=2, bos_token_id=0, eos_token_id=2,
+                  pad_token_id=1)  # fmt: skip
+    torch.manual_seed(seed + 2)
+    w1, w2 = SDXL_WIDTHS
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=w1, intermediate_size=2 * w1, hidden_act="quick_gelu", projection_dim=w1,
+        **common,
+    ))  # fmt: skip
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=w2, intermediate_size=2 * w2, hidden_act="gelu", projection_dim=SDXL_POOLED,
+        **common,
+    ))  # fmt: skip
+    sched_keys = {**SD_SCHEDULER, **family.scheduler}
+    scheduler = getattr(diffusers, sched_keys.pop("_class_name")).from_config(sched_keys)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(str(path), safe_serialization=True)
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "sd21-base") -> Path:

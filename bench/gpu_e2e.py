@@ -27,7 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from attn_utils.argparsing import Parser  # noqa: E402
 
-PARTS = ("recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora")
+PARTS = ("recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora", "sdxl")
+# issue 20: SDXL-base shapes at SDXL's defaults (docs/sdxl.md), short runs: seconds per step
+# and peak memory of each stage, then one image with heatmaps and an export.
+SDXL_STEPS = ["20", "20", "20"]
 LORA_FLAGS = ["--attn_lora_rank", "4", "--unet_lora_rank", "4"]  # issue 19: adapters, rank 4
 # Short runs of flag combinations: (name, flags); steps are cut to SHORT_STEPS.
 FLAG_RUNS = {
@@ -227,6 +230,38 @@ def part_lora(s: Setup) -> dict:
     }  # fmt: skip
 
 
+def part_sdxl(s: Setup) -> dict:
+    """The three stages on SDXL (random weights of SDXL-base's shapes on a GPU, the tiny
+    SDXL-shaped model on the CPU) at its defaults but for the step counts, then inference."""
+    from attn_utils.tiny import build_tiny_model, draw_concept
+
+    if s.tiny:
+        model, size, steps = build_tiny_model(s.out / "model_sdxl", family="sdxl"), 160, s.steps
+        extra = ["--resolution", "128", *[f"--{n}_gradient_accumulation_steps=1"
+                                          for n in ("ti", "attn", "unet")]]  # fmt: skip
+    else:
+        from bench.sdxl_configs import save_sdxl_pipeline
+
+        model, size, steps, extra = save_sdxl_pipeline(s.out / "model_sdxl"), 1024, SDXL_STEPS, []
+    concept = draw_concept(s.out / "concept_sdxl", n_images=5, size=size)
+    run = s.out / "runs" / "sdxl"
+    shutil.rmtree(run, ignore_errors=True)
+    argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(concept),
+            "--category", s.category, "--output_dir", str(run), *s.precision, *extra]  # fmt: skip
+    for flag, n in zip(STEP_FLAGS, steps):
+        argv += [flag, n]
+    r = launch([sys.executable, "train_attndreambooth.py", *argv])
+    r["stages"] = stages_of(run)
+    for v in r["stages"].values():
+        v["s_per_step"] = round(v["train_seconds"] / v["steps"], 4) if v["steps"] else None
+    render = launch([sys.executable, "inference.py", "--run_dir", str(run), "--prompt",
+                     "a {} on a beach", "--save_dir", str(s.out / "images_sdxl"),
+                     "--num_images_per_prompt", "1", "--num_inference_steps",
+                     "2" if s.tiny else "25", "--save_attention_maps", "--export_pipeline",
+                     str(s.out / "export_sdxl")])  # fmt: skip
+    return {"train": r, "inference": render, "steps": steps}
+
+
 def run_parts(s: Setup, parts: list[str]) -> dict:
     res: dict = {}
     if "recipe" in parts:  # exact per-step augmentation, no validation, no checkpoints
@@ -258,6 +293,8 @@ def run_parts(s: Setup, parts: list[str]) -> dict:
         res["inference"] = part_inference(s)
     if "lora" in parts:
         res["lora"] = part_lora(s)
+    if "sdxl" in parts:
+        res["sdxl"] = part_sdxl(s)
     return res
 
 
@@ -276,6 +313,12 @@ def summary(res: dict) -> dict:
         "peak_gib_lora_stage_3": get("lora", "run", "stages", "3", "peak_gib"),
         "peak_gib_lora_stage_3_ckpt": get("lora", "ckpt", "stages", "3", "peak_gib"),
         "lora_loads": get("lora", "lora_loads"),
+        "sdxl_s_per_step": {
+            k: v.get("s_per_step") for k, v in (get("sdxl", "train", "stages") or {}).items()
+        },  # fmt: skip
+        "sdxl_peak_gib": {
+            k: v.get("peak_gib") for k, v in (get("sdxl", "train", "stages") or {}).items()
+        },  # fmt: skip
         "failed_runs": sorted(_failures(res)),
     }
 

@@ -40,6 +40,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The SDXL-shaped tiny model (attn_utils.tiny.FAMILIES["sdxl"])."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_sdxl") / "base_model", family="sdxl")
+
+
+@pytest.fixture(scope="session")
 def concept(tmp_path_factory) -> Path:
     return draw_concept(tmp_path_factory.mktemp("concept") / "sloth", n_images=3)
 

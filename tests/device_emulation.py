@@ -32,7 +32,7 @@ FACTORIES = frozenset(_device_constructors())
 # torch.from_numpy always makes a CPU tensor. These functions decode images on the host by
 # design (the loader / the metric model moves the batch to the device); anywhere else in
 # project code a from_numpy tensor is sent to `meta` like a device-less factory's.
-HOST_SIDE = {("data.py", "augment"), ("metrics.py", "__call__")}
+HOST_SIDE = {("data.py", "augment_with_crop"), ("metrics.py", "__call__")}
 _REAL_GENERATOR, _REAL_FROM_NUMPY = torch.Generator, torch.from_numpy
 
 

@@ -51,7 +51,7 @@ def test_the_emulation_sees_generators_and_numpy_arrays_without_a_device():
         _in_project("out = torch.Generator('cpu')")  # deliberately on the CPU: said so
         _in_project("out = torch.Generator(device=torch.device('cpu'))")
         assert _in_project("out = torch.from_numpy(a)", a=a).device.type == "meta"
-        host = "def augment():\n    return torch.from_numpy(a)\nout = augment()"
+        host = "def augment_with_crop():\n    return torch.from_numpy(a)\nout = augment_with_crop()"
         assert _in_project(host, "attn_utils/train/data.py", a=a).device.type == "cpu"  # HOST_SIDE
         assert torch.from_numpy(a).device.type == "cpu" and torch.Generator() is not None
     assert [r.rsplit(" ", 1)[1] for r in mode.redirected] == ["Generator", "from_numpy"]

@@ -24,7 +24,8 @@ def test_e2e_runs_every_part_and_reports_the_keys(tmp_path):
     # peak memory is max_memory_allocated: a CUDA number, absent on the CPU
     assert s["peak_gib_plain"] is None and s["peak_gib_8bit_ckpt"] is None
     r = report["results"]
-    assert set(r) == {"recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora"}
+    assert set(r) == {"recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora",
+                      "sdxl"}  # fmt: skip
     assert set(r["recipe"]["stages"]) == {"1", "2", "3"}
     assert all(v["train_seconds"] > 0 for v in r["recipe"]["stages"].values())
     assert r["resume"]["resumed"]["stages"]["3"]["steps"] == 12
@@ -36,5 +37,10 @@ def test_e2e_runs_every_part_and_reports_the_keys(tmp_path):
         "2",
         "3",
     }
+    # issue 20: SDXL's three stages report seconds per step (peak memory: CUDA only)
+    assert set(s["sdxl_s_per_step"]) == {"1", "2", "3"} and all(
+        v > 0 for v in s["sdxl_s_per_step"].values()
+    )
+    assert r["sdxl"]["inference"]["rc"] == 0 and set(s["sdxl_peak_gib"].values()) == {None}
     shown = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert shown["device"] == "cpu" and shown["resume_ok"] is True

@@ -132,6 +132,8 @@ BASE_MODULES = {
     "argparsing",
     "quiet",
     "tiny",
+    "families",
+    "sdxl",
 }
 
 

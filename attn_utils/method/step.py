@@ -54,9 +54,11 @@ def denoise_losses(
     channels_last: bool = False,
     n_instance: int | None = None,
     prior_loss_weight: float = 1.0,
+    added_cond: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(denoising MSE, attention regulariser) for one micro-batch; `unet` runs under capture
-    unless both regulariser weights are 0.
+    unless both regulariser weights are 0. `added_cond`: SDXL's added_cond_kwargs (pooled
+    text (B, P) and time ids (B, 6)); None for SD.
 
     latents (B, 4, h, w); text (1 or B, 77, D), broadcast over the batch; timesteps uniform
     in [0, num_train_timesteps); target epsilon or velocity as the scheduler is configured.
@@ -67,7 +69,8 @@ def denoise_losses(
     b, device = latents.shape[0], latents.device
     noisy, t, target = noisy_latents(scheduler, latents, gen, noise_offset, channels_last)
     stats.reset()
-    pred = unet(noisy, t, text.expand(b, -1, -1)).sample
+    extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
+    pred = unet(noisy, t, text.expand(b, -1, -1), **extra).sample
     if n_instance is None:
         mse = denoising_loss(pred, target)
     else:

@@ -14,6 +14,38 @@ def fill_prompt(template: str, tokens: list[str], category: str | None = None) -
     return template.replace("{}", concept)
 
 
+def table_rows(table, ids) -> torch.Tensor:
+    """(k, dim) rows of an embedding table, detached; SDXL's joint table gives both
+    encoders' rows side by side (attn_utils/sdxl.py)."""
+    return table.rows(ids) if hasattr(table, "rows") else table.weight.detach()[ids]
+
+
+def write_table_rows(table, ids, rows: torch.Tensor) -> None:
+    """Write (k, dim) rows into an embedding table (both of SDXL's, split by width)."""
+    if hasattr(table, "write_rows"):
+        table.write_rows(ids, rows)
+        return
+    with torch.no_grad():
+        table.weight[ids] = rows.to(device=table.weight.device, dtype=table.weight.dtype)
+
+
+def table_width(table) -> int:
+    return getattr(table, "embedding_dim", None) or table.weight.shape[1]
+
+
+def add_to_second_tokenizer(text_encoder, tokens: list[str], ids: list[int]) -> None:
+    """SDXL: the same tokens join tokenizer_2 under the same ids (the pipeline tokenises with
+    both); nothing for a single-encoder model."""
+    tok2 = getattr(text_encoder, "tokenizer_2", None)
+    if tok2 is None:
+        return
+    tok2.add_tokens([t for t in tokens if t not in tok2.get_added_vocab()])
+    if tok2.convert_tokens_to_ids(tokens) != list(ids):
+        raise ConfigError(
+            f"--placeholder_token: {tokens[0]!r} gets different ids in the two SDXL tokenizers"
+        )
+
+
 def category_token_ids(tokenizer, category: str) -> list[int]:
     """Sub-token ids of the category word(s), without start/end tokens."""
     return tokenizer(category, add_special_tokens=False).input_ids
@@ -48,31 +80,33 @@ def add_placeholder_tokens(
         raise ConfigError(
             f"--placeholder_token: {clash[0]!r} is already in the tokenizer; choose another name"
         )
+    tok2 = getattr(text_encoder, "tokenizer_2", None)  # SDXL: initialised from its own ids
+    if tok2 is not None and category_token_ids(tok2, category) != init_ids:
+        raise ConfigError(f"--category: {category!r} tokenises differently in tokenizer_2")
     added = tokenizer.add_tokens(tokens)
     if added != len(tokens):
         raise ConfigError(f"--placeholder_token: the tokenizer accepted {added} of {tokens}")
     ids = tokenizer.convert_tokens_to_ids(tokens)
+    add_to_second_tokenizer(text_encoder, tokens, ids)
     # Every placeholder must survive tokenisation as one token of its own.
     for t, i in zip(tokens, ids):
         if tokenizer(t, add_special_tokens=False).input_ids != [i]:
             raise ConfigError(f"--placeholder_token: {t!r} does not tokenise as a single token")
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[ids] = table[init_ids[: len(tokens)]].clone()
+    table = text_encoder.get_input_embeddings()
+    write_table_rows(table, ids, table_rows(table, init_ids[: len(tokens)]).clone())
     return ids
 
 
 def set_embeddings(text_encoder, token_ids: list[int], embeds: torch.Tensor) -> None:
     """Write learned rows (k, dim) into the text encoder's embedding table."""
-    table = text_encoder.get_input_embeddings().weight
-    if embeds.shape != (len(token_ids), table.shape[1]):
+    table = text_encoder.get_input_embeddings()
+    if embeds.shape != (len(token_ids), table_width(table)):
         raise ConfigError(
             f"embedding: shape {tuple(embeds.shape)} does not fit the text encoder "
-            f"({len(token_ids)} token(s) of dimension {table.shape[1]})"
+            f"({len(token_ids)} token(s) of dimension {table_width(table)})"
         )
-    with torch.no_grad():
-        table[token_ids] = embeds.to(device=table.device, dtype=table.dtype)
+    write_table_rows(table, token_ids, embeds)
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -85,10 +119,11 @@ class PlaceholderEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, token_ids: list[int]):
         super().__init__()
         self.base = base
+        rows = table_rows(base, token_ids)  # (k, dim)
         # on the table's device: created after the text encoder moved, a CPU buffer breaks CUDA
-        ids = torch.tensor(token_ids, device=base.weight.device)
+        ids = torch.tensor(token_ids, device=rows.device)
         self.register_buffer("token_ids", ids, persistent=False)
-        self.learned = nn.Parameter(base.weight.detach()[token_ids].clone().float())
+        self.learned = nn.Parameter(rows.clone().float())
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight for dtype and size

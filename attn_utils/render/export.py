@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from attn_utils.config import ConfigError, load_run_config
+from attn_utils.method.tokens import add_to_second_tokenizer, table_width, write_table_rows
 from attn_utils.models import check_model_source, load_base_model
 from attn_utils.render.lora import load_unet_lora, lora_folder
 from attn_utils.render.pipeline import make_pipeline
@@ -217,6 +218,7 @@ def ensure_tokens(tokenizer, text_encoder, tokens: list[str]) -> tuple[list[int]
     if added:
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = tokenizer.convert_tokens_to_ids(tokens)
+    add_to_second_tokenizer(text_encoder, tokens, ids)  # SDXL: tokenizer_2 holds them too
     for t, i in zip(tokens, ids):
         if tokenizer(t, add_special_tokens=False).input_ids != [i]:
             raise ConfigError(f"placeholder token {t!r}: does not tokenise as a single token")
@@ -225,13 +227,17 @@ def ensure_tokens(tokenizer, text_encoder, tokens: list[str]) -> tuple[list[int]
 
 def load_concept(src: ConceptSource) -> Concept:
     """Load the base model and U-Net, add the placeholder tokens and write their rows."""
-    emb = load_embeddings(src.embedding_path) if src.embedding_path else {}
     m = load_base_model(src.model, src.revision, src.local_files_only, unet_path=src.unet_path)
+    widths = getattr(m.text_encoder, "widths", None)  # SDXL: the file holds clip_l and clip_g
+    table = m.text_encoder.get_input_embeddings()
+    emb = {}
+    if src.embedding_path:  # a file for the other family is refused here, naming it
+        emb = load_embeddings(src.embedding_path, table_width(table), widths)
     for folder in src.unet_loras:  # merged: a plain U-Net renders and exports as before
         load_unet_lora(m.unet, folder)
     if src.text_encoder_path:  # before the tokens: a dreambooth run adds none
         load_text_encoder(src.text_encoder_path, m.text_encoder)
-    hidden = m.text_encoder.get_input_embeddings().weight.shape[1]
+    hidden = table_width(table)
     if m.unet.config.cross_attention_dim != hidden:
         flag = "--checkpoint_path" if src.stage is None else f"--stage {src.stage}"
         raise ConfigError(
@@ -253,9 +259,8 @@ def load_concept(src: ConceptSource) -> Concept:
                     f"of {src.model} needs ({hidden},)"
                 )
             rows.append(v)
-        table = m.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[ids] = torch.stack(rows).to(table.dtype)  # (k, dim)
+        table = m.text_encoder.get_input_embeddings()  # resized: a new table
+        write_table_rows(table, ids, torch.stack(rows))  # (k, dim)
     for mod in (m.text_encoder, m.vae, m.unet):
         mod.eval()
     return Concept(

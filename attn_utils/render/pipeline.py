@@ -11,8 +11,14 @@ DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "fl
 DTYPES |= {"bf16": "bf16", "bfloat16": "bf16"}
 
 
+def is_sdxl_unet(unet) -> bool:
+    """Is this SDXL's U-Net (conditioned on pooled text and time ids)?"""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
 def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, scheduler: str = "dpm"):
-    """A StableDiffusionPipeline around modules already in memory (nothing reloaded)."""
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for an SDXL U-Net; text_encoder
+    is then attn_utils.sdxl.SDXLTextEncoders, or None) around modules already in memory."""
     from diffusers import (
         DDIMScheduler,
         DDPMScheduler,
@@ -20,6 +26,7 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
         EulerDiscreteScheduler,
         PNDMScheduler,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
     )
 
     cls = {
@@ -29,6 +36,19 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
         "ddpm": DDPMScheduler,
         "pndm": PNDMScheduler,
     }[scheduler]
+    if is_sdxl_unet(unet):
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=None if text_encoder is None else text_encoder.text_encoder,
+            text_encoder_2=None if text_encoder is None else text_encoder.text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=None if text_encoder is None else text_encoder.tokenizer_2,
+            unet=unet,
+            scheduler=cls.from_config(scheduler_config),
+            add_watermarker=False,  # the invisible-watermark package is not a dependency
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

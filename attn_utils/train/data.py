@@ -31,10 +31,25 @@ def augment(
     resizing the shorter side to R; "resize" squashes the whole image to R x R, bicubic (the
     textual_inversion example's).
     """
+    return augment_with_crop(img, resolution, center_crop, rng, flip_p, rotate_p,
+                             rotate_degrees, crop)[0]  # fmt: skip
+
+
+def augment_with_crop(
+    img: Image.Image, resolution: int, center_crop: bool, rng: random.Random,
+    flip_p: float = 0.25, rotate_p: float = 0.75, rotate_degrees: float = 45.0,
+    crop: str = "random",
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:  # fmt: skip
+    """augment(), and what SDXL's micro-conditioning needs of it: (original h, original w,
+    crop top, crop left). The original size is the image that was resized (the photo, or its
+    rotated canvas); the crop is where the R x R window lay in the resized (and flipped)
+    image, (0, 0) when the whole image is squashed. Same random draws as augment()."""
     if rng.random() < rotate_p:  # RandomRotation(d, expand=True), nearest, black fill
         angle = rng.uniform(-rotate_degrees, rotate_degrees)
         img = img.rotate(angle, resample=Image.NEAREST, expand=True)
     w, h = img.size
+    original = (h, w)
+    left = top = 0
     if crop == "resize":  # the whole image, squashed
         size = (resolution, resolution)
     elif w <= h:  # Resize(R): the shorter side to R
@@ -52,7 +67,7 @@ def augment(
             left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
         img = img.crop((left, top, left + resolution, top + resolution))
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return arr.float().div(127.5).sub(1.0)  # (3, R, R)
+    return arr.float().div(127.5).sub(1.0), (*original, top, left)  # (3, R, R)
 
 
 class InstanceDataset(Dataset):
@@ -63,8 +78,10 @@ class InstanceDataset(Dataset):
 
     def __init__(self, images, resolution: int, center_crop: bool, repeats: int, seed: int,
                  stage: int, flip_p: float = 0.25, rotate_p: float = 0.75,
-                 rotate_degrees: float = 45.0, crop: str = "random"):  # fmt: skip
+                 rotate_degrees: float = 45.0, crop: str = "random",
+                 time_ids: bool = False):  # fmt: skip
         self.images = images
+        self.time_ids = time_ids  # SDXL: items are {"pixels", "time_ids" (6,)}
         self.flip_p, self.rotate_p, self.rotate_degrees = flip_p, rotate_p, rotate_degrees
         self.crop = crop
         self.resolution = resolution
@@ -86,8 +103,16 @@ class InstanceDataset(Dataset):
         item = int(self._order(g // self.epoch_len)[g % self.epoch_len])
         rng = random.Random(_seed(self.seed, self.stage, "aug", g))
         img = self.images[item % len(self.images)]
-        return augment(img, self.resolution, self.center_crop, rng, self.flip_p, self.rotate_p,
-                       self.rotate_degrees, self.crop)  # fmt: skip
+        pixels, (oh, ow, top, left) = augment_with_crop(
+            img, self.resolution, self.center_crop, rng, self.flip_p, self.rotate_p,
+            self.rotate_degrees, self.crop,
+        )  # fmt: skip
+        if not self.time_ids:
+            return pixels
+        r = self.resolution
+        # on the host, as the pixels: the loader pins and moves both
+        ids = torch.tensor([oh, ow, top, left, r, r], dtype=torch.float32, device="cpu")
+        return {"pixels": pixels, "time_ids": ids}
 
 
 class StepBatches(Sampler):

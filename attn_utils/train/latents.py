@@ -12,7 +12,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from attn_utils.train.data import _seed, augment
+from attn_utils.train.data import _seed, augment_with_crop
 
 
 class LatentPool:
@@ -35,8 +35,8 @@ class LatentPool:
     ) -> None:
         self.augmentation = dict(flip_p=flip_p, rotate_p=rotate_p, rotate_degrees=rotate_degrees,
                                  crop=crop)  # fmt: skip
-        pixels = [
-            augment(
+        samples = [
+            augment_with_crop(
                 img,
                 resolution,
                 center_crop,
@@ -49,6 +49,12 @@ class LatentPool:
             for v in range(variants)
             for i, img in enumerate(images)
         ]
+        pixels = [p for p, _ in samples]
+        # SDXL's time ids of each entry: original size, crop, target size (P, 6)
+        self.time_ids = torch.tensor(
+            [[*crop, resolution, resolution] for _, crop in samples], dtype=torch.float32,
+            device=device,
+        )  # fmt: skip
         means, stds = [], []
         with torch.no_grad():
             for start in range(0, len(pixels), batch_size):

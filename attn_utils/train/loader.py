@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 
 from attn_utils.config import StageConfig
+from attn_utils.sdxl import is_sdxl
 from attn_utils.train.data import InstanceDataset, StepBatches
 from attn_utils.train.latents import LatentPool, PoolIndices
 from attn_utils.train.placement import loader_workers
@@ -22,8 +23,9 @@ def stage_loader(trainer, sc: StageConfig, start: int) -> DataLoader:
                crop=sc.crop)  # fmt: skip
     if not cfg.cache_latents:
         dataset = InstanceDataset(
-            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, **aug
-        )
+            trainer.images, cfg.resolution, cfg.center_crop, cfg.repeats, cfg.seed, k, **aug,
+            time_ids=is_sdxl(trainer.text_encoder),  # SDXL: the crop each sample got
+        )  # fmt: skip
     else:
         if trainer.pool is None or trainer.pool.augmentation != aug:  # a stage of its own
             with trainer._autocast():

@@ -34,6 +34,7 @@ from attn_utils.train.core import (
     core_overrides,
     read_core_prompts,
 )
+from attn_utils.train.family_defaults import check_family, family_presets, resolve_family
 from attn_utils.train.lora import lora_fields, validate_lora
 from attn_utils.train.speed_flags import validate_speed_flags
 from attn_utils.train.text_training import (
@@ -373,7 +374,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     per-stage flags over them; validated (one ConfigError naming the flag)."""
     words = " ".join(ns.initialize_token or []).strip() or None
     category = (ns.category or words or "").strip()
-    presets = stage_presets(ns.method, ns.fast)
+    family = resolve_family(ns)  # SDXL has defaults of its own (train/family_defaults.py)
+    presets = family_presets(ns, stage_presets(ns.method, ns.fast and family != "sdxl"), family)
     lora, stages = lora_fields(ns, presets, ns.method), []
     for idx, prefix in STAGE_NAMES.items():
         given = {k: getattr(ns, f"{prefix}_{k}") for k in STAGE_KEYS}
@@ -395,6 +397,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     kw["run_stages"] = parse_stages(ns.stages) if ns.stages else sorted(presets)
     kw["method_source"] = RECIPES[ns.method].source
     cfg = RunConfig(**{**kw, **method_fields(ns, category, ns.output_dir)})
+    check_family(ns, cfg, family)
     validate(cfg)
     validate_speed_flags(cfg)
     validate_method(cfg)

@@ -27,7 +27,8 @@ class StageRun:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled under fp16 only
     unet: torch.nn.Module  # DDP-wrapped in stages 2-3 when several processes run
-    text: torch.Tensor | None  # (1, 77, D) cached encoder output, when it is fixed and frozen
+    # ((1, 77, D), SDXL's pooled (1, P) or None): cached encoder output, when fixed and frozen
+    text: tuple[torch.Tensor, torch.Tensor | None] | None
     encodes: bool  # the text encoder runs each micro-step (stage 1, or it trains)
     loader: DataLoader
     stats: TokenStats  # the regulariser's attention statistics, filled by the capture

@@ -14,6 +14,8 @@ from attn_utils.method.tokens import (
     install_placeholder_embedding,
     remove_placeholder_embedding,
     set_embeddings,
+    table_rows,
+    table_width,
 )
 from attn_utils.render.lora import load_unet_lora
 from attn_utils.runfiles import (
@@ -104,8 +106,9 @@ def save_stage_result(
 
     def write(tmp: Path) -> None:
         if stage == 1 or embedding_trained:
-            rows = text_encoder.get_input_embeddings().weight.detach()[token_ids]
-            save_embeddings(tmp / EMBEDS_FILE, tokens, rows)
+            rows = table_rows(text_encoder.get_input_embeddings(), token_ids)  # (k, dim)
+            # SDXL: one row in each encoder's table, written as clip_l / clip_g
+            save_embeddings(tmp / EMBEDS_FILE, tokens, rows, getattr(text_encoder, "widths", None))
         if lora_state is not None:  # diffusers' LoRA file, a few MB
             save_unet_lora(tmp / UNET_LORA_DIR, lora_state)
         elif stage != 1:
@@ -123,8 +126,8 @@ def load_stage_result(
     """Fold a completed stage's result into the resident models."""
     d = stage_dir(run_dir, stage)
     if stage == 1 or (d / EMBEDS_FILE).is_file():  # a U-Net stage's: the embedding trained too
-        dim = text_encoder.get_input_embeddings().weight.shape[1]
-        data = load_embeddings(d / EMBEDS_FILE, dim=dim)
+        dim = table_width(text_encoder.get_input_embeddings())
+        data = load_embeddings(d / EMBEDS_FILE, dim, getattr(text_encoder, "widths", None))
         missing = [t for t in tokens if t not in data]
         if missing:
             raise ConfigError(f"{d / EMBEDS_FILE}: has no entry for {missing[0]!r}")

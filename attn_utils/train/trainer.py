@@ -25,6 +25,7 @@ from attn_utils.models import (
 from attn_utils.train import checkpoint as ck
 from attn_utils.train.actions import StageActions
 from attn_utils.train.background import BackgroundWriter, HostSnapshot, finish_writes
+from attn_utils.train.conditioning import encode_text, split_batch, unet_cond
 from attn_utils.train.core import core_state
 from attn_utils.train.data import step_seed
 from attn_utils.train.loader import stage_loader
@@ -88,7 +89,7 @@ class Trainer(StageActions):
         self.model_fp = model_fingerprint(cfg.pretrained_model_name_or_path, cfg.revision)
         m = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.local_files_only)
         self.tokenizer, self.text_encoder, self.vae = m.tokenizer, m.text_encoder, m.vae
-        self.unet, self.noise_scheduler = m.unet, m.noise_scheduler
+        self.unet, self.noise_scheduler, self.family = m.unet, m.noise_scheduler, m.family
         self.token_ids = concept_token_ids(cfg, self.tokenizer, self.text_encoder)
         # (P, 77), (P, K): the instance prompt, or (--method ti) one row per template
         # per stage: (P, 77) ids and (P, K) columns; the one instance prompt, or the templates
@@ -99,7 +100,7 @@ class Trainer(StageActions):
         self.input_ids = self.columns = None  # (P, 77), (P, K): the stage's, set as it begins
         self.pool = None  # LatentPool, built on first use with --cache_latents
         self.core, self.micro = None, 0  # a CoRe stage's prompts and hold; the micro-step
-        self.text_cache = None  # (1, 77, D) encoder output for stages 2-3
+        self.text_cache = None  # ((1, 77, D), SDXL's pooled (1, P) or None) for stages 2-3
         self.validation_embeds = None  # (prompt, negative) embeddings once the encoder rests
         self.snapshot, self.writer = HostSnapshot(), BackgroundWriter()
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -108,8 +109,9 @@ class Trainer(StageActions):
         place_models(self)
 
     # ------------------------------------------------------------------ setup
-    def _cached_text(self) -> torch.Tensor:
-        """(1, 77, D) output of the frozen encoder on the fixed prompt, once per run.
+    def _cached_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """((1, 77, D), pooled (1, P) or None) of the frozen encoder on the fixed prompt,
+        once per run (SDXL's pooled embedding is cached with it).
 
         Computed when stage 2 starts (the embedding is final then), with the validation
         prompt's embeddings; afterwards the encoder may wait on the CPU.
@@ -117,7 +119,8 @@ class Trainer(StageActions):
         if self.text_cache is None:
             self.text_encoder.to(self.device)
             with torch.no_grad(), self._autocast():
-                self.text_cache = self.text_encoder(self.input_ids)[0].float()
+                text, pooled = encode_text(self.text_encoder, self.input_ids)
+                self.text_cache = (text.float(), None if pooled is None else pooled.float())
                 if self.cfg.validation_prompt:
                     self.validation_embeds = encode_validation_prompt(self)
                 if self.prior is not None and self.prior.text is None:  # the class prompt
@@ -153,6 +156,7 @@ class Trainer(StageActions):
                     "base_model": base_model_source(
                         cfg.pretrained_model_name_or_path, cfg.revision
                     ),
+                    "family": self.family,  # sd1 | sd2 | sdxl (attn_utils/families.py)
                     "versions": library_versions(),
                     "world_size": acc.num_processes,
                     "data_fingerprint": self.data_fp,
@@ -304,7 +308,8 @@ class Trainer(StageActions):
             gen = torch.Generator(self.device).manual_seed(seed)
             with self._autocast():
                 ids = prompt_ids(self, k, micro, run.stats) if run.encodes else None
-                text = self.text_encoder(ids)[0] if ids is not None else run.text
+                text, pooled = encode_text(self.text_encoder, ids) if ids is not None else run.text
+                text = text if pooled is None else (text, pooled)  # SDXL: both condition it
                 mse, reg = self._losses(run.unet, batch, text, gen, run.stats, run.sc)
                 loss = (mse + reg) / ga
             run.meter.add_micro(mse, reg, ga)
@@ -348,9 +353,12 @@ class Trainer(StageActions):
         self._save_stage(k, run.step, checksums, timing, lora_state)
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):
-        """Denoising MSE and attention regulariser for one micro-batch."""
+        """Denoising MSE and attention regulariser for one micro-batch; `text` is (1 or B,
+        77, D), or on SDXL (that, pooled (1 or B, P)), the batch's time ids joining them."""
+        text, pooled = text if isinstance(text, tuple) else (text, None)
         if isinstance(batch, (list, tuple)):  # prior preservation: (instance, class) samples
             return prior_losses(self, unet, batch, text, gen, stats, sc)
+        batch, time_ids = split_batch(batch)
         if self.pool is not None:  # the batch holds pool indices
             latents = self.pool.sample(batch, gen) * self.vae.config.scaling_factor
         else:
@@ -365,9 +373,11 @@ class Trainer(StageActions):
                 self.core.means, sc.context_embedding_weight, sc.context_attention_weight,
                 self.cfg.noise_offset, self.cfg.channels_last,
             )  # fmt: skip
+        cond = unet_cond(pooled, time_ids, self.pool, batch, latents.shape[0])
         return denoise_losses(
             unet, self.noise_scheduler, latents, text, gen, stats, len(self.token_ids),
             sc.reg_mean_weight, sc.reg_var_weight, self.cfg.noise_offset, self.cfg.channels_last,
+            added_cond=cond,
         )  # fmt: skip
 
     def _optimizer_step(self, params, optimizer, scaler, plist):

@@ -11,12 +11,14 @@ import torch
 from attn_utils.method.tokens import fill_prompt
 from attn_utils.render.pipeline import make_pipeline
 from attn_utils.runfiles import image_grid
+from attn_utils.sdxl import is_sdxl
 
 
 @torch.no_grad()
-def encode_validation_prompt(trainer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt, negative) embeddings (1, 77, D) of the validation prompt, for sampling later
-    without the text encoder on the device."""
+def encode_validation_prompt(trainer) -> dict[str, torch.Tensor]:
+    """The pipeline's embedding arguments for the validation prompt: prompt and negative
+    (1, 77, D), on SDXL their pooled (1, P) too; for sampling later without the text
+    encoder on the device."""
     pipe = make_pipeline(
         trainer.tokenizer,
         trainer.text_encoder,
@@ -25,7 +27,15 @@ def encode_validation_prompt(trainer) -> tuple[torch.Tensor, torch.Tensor]:
         trainer.noise_scheduler.config,
     )
     prompt = fill_prompt(trainer.cfg.validation_prompt, trainer.cfg.placeholder_tokens)
-    return pipe.encode_prompt(prompt, trainer.device, 1, True)
+    if is_sdxl(trainer.text_encoder):
+        out = pipe.encode_prompt(prompt=prompt, device=trainer.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True)  # fmt: skip
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                 "negative_pooled_prompt_embeds")  # fmt: skip
+    else:
+        out = pipe.encode_prompt(prompt, trainer.device, 1, True)
+        names = ("prompt_embeds", "negative_prompt_embeds")
+    return dict(zip(names, out))
 
 
 @contextlib.contextmanager
@@ -65,10 +75,7 @@ def render_validation(trainer, out: Path) -> Path:
         if embeds is None:
             text = {"prompt": [fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)] * n}
         else:
-            text = {
-                "prompt_embeds": embeds[0].expand(n, -1, -1),
-                "negative_prompt_embeds": embeds[1].expand(n, -1, -1),
-            }
+            text = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
         images = pipe(
             **text,
             generator=gen,
