@@ -147,6 +147,7 @@ def test_the_demo_says_what_to_expect_and_makes_its_picture(tmp_path):
     assert "toy world" in before and "never seen" in before
     assert "files match manifest.json" in before  # the shipped weights were checked
     assert "overview.png" in after and "base model without the concept" in after
+    assert "Honest status" in after  # the demo does not claim what it does not show
     assert "learned token: new_concept_v0" in r.stdout  # the trainer's closing lines
     from PIL import Image
 

@@ -30,9 +30,9 @@ def _write_base(p, dest: Path) -> None:
     vae.register_to_config(scaling_factor=scale)
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel.from_pretrained(str(p.work / "text_encoder")),
+        text_encoder=CLIPTextModel.from_pretrained(str(p.work / "text_encoder_short")),
         tokenizer=p.tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(str(p.work / "unet")),
+        unet=UNet2DConditionModel.from_pretrained(str(p.work / "unet_short")),
         scheduler=diffusers.DDPMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -48,7 +48,7 @@ def _write_base(p, dest: Path) -> None:
 def _write_clip(p, dest: Path) -> None:
     from transformers import CLIPModel
 
-    CLIPModel.from_pretrained(str(p.work / "clip")).save_pretrained(str(dest))
+    CLIPModel.from_pretrained(str(p.work / "clip_short")).save_pretrained(str(dest))
     p.tokenizer.save_pretrained(str(dest))
     size = {"shortest_edge": 64}
     processor = {
@@ -68,7 +68,7 @@ def _write_clip(p, dest: Path) -> None:
 def _write_dino(p, dest: Path) -> None:
     from transformers import CLIPModel, CLIPVisionModel
 
-    clip = CLIPModel.from_pretrained(str(p.work / "clip"))
+    clip = CLIPModel.from_pretrained(str(p.work / "clip_short"))
     vision = CLIPVisionModel(clip.config.vision_config)
     # transformers 5 flattens CLIPVisionModel; 4 nests it under .vision_model.
     target = getattr(vision, "vision_model", vision)

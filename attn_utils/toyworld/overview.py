@@ -29,7 +29,9 @@ def render_baseline(base: Path, images_dir: Path, category: str, out: Path) -> P
     settings = index.get("settings", {})
     m = load_base_model(str(base))
     scheduler = settings.get("scheduler", "dpm")
-    pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.scheduler.config, scheduler)
+    pipe = make_pipeline(
+        m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler.config, scheduler
+    )
     known = {f.name for f in dataclasses.fields(RenderOptions)}
     opts = RenderOptions(**{k: v for k, v in settings.items() if k in known})
     opts.save_attention_maps = False

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class Budget:
     unet_steps: int = 1900
     unet_batch: int = 64
     clip_steps: int = 800
+    short_steps: int = 700  # the U-Net and text encoder on shortened captions
+    clip_short_steps: int = 300
     clip_batch: int = 128
     oracle_steps: int = 900
     oracle_batch: int = 64
@@ -72,6 +75,8 @@ QUICK = Budget(  # a smoke run of every phase (tests, --quick): minutes, learns 
     unet_steps=6,
     unet_batch=8,
     clip_steps=6,
+    short_steps=4,
+    clip_short_steps=4,
     clip_batch=16,
     oracle_steps=6,
     oracle_batch=16,
@@ -141,6 +146,25 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
 def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     flip = torch.from_numpy(rng.random(len(x)) < 0.5)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+_SIZES = {"small", "big"}
+_COLOURS = set(COLOURS)
+_PATTERN_WORDS = {"striped", "dotted"}
+_SECOND = re.compile(r" next to a [a-z ]*?\b(" + "|".join(CATEGORIES) + r")\b")
+
+
+def shorten(text: str, rng: np.random.Generator) -> str:
+    """A caption with words left out as people prompt: each size, colour and pattern word
+    with p 0.5, the second thing ("next to a ...") with p 0.3; style, category, place stay."""
+    if rng.random() < 0.3:
+        text = _SECOND.sub("", text, count=1)
+    drop = _SIZES | _COLOURS | _PATTERN_WORDS
+    return " ".join(w for w in text.split() if not (w in drop and rng.random() < 0.5))
+
+
+def _text(caption_: str, rng: np.random.Generator, short: bool) -> str:
+    return shorten(caption_, rng) if short else caption_
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -363,7 +387,8 @@ class Pretrainer:
         timings_path = self.work / "timings.json"
         if timings_path.is_file():
             self.times = json.loads(timings_path.read_text())
-        phases = ("data", "masks", "vae", "latents", "unet", "clip", "oracle", "export", "report")
+        phases = ("data", "masks", "vae", "latents", "unet", "clip", "oracle", "short",
+                  "clip_short", "export", "report")  # fmt: skip
         for phase in phases:
             done = self.work / f"{phase}.done"
             if done.is_file():
@@ -436,7 +461,17 @@ class Pretrainer:
         os.replace(tmp, self.work / "latents.npz")
 
     def phase_unet(self) -> None:
-        from diffusers import DDPMScheduler
+        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=False)
+
+    def phase_short(self) -> None:
+        """The U-Net and text encoder go on from "unet" with shortened captions: a prompt may
+        leave out sizes, colours, patterns and the second thing ("a photo of a toy at night")
+        and still be in the model's distribution."""
+        self._diffusion("short", self.budget.short_steps, 1e-4, short=True)
+
+    def _diffusion(self, name: str, steps: int, lr: float, short: bool) -> None:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
 
         z = np.load(self.work / "latents.npz", allow_pickle=False)
         mean, std, scale = (
@@ -448,20 +483,24 @@ class Pretrainer:
         sched = DDPMScheduler(**SD_SCHEDULER)
         alphas = sched.alphas_cumprod
         snr = alphas / (1 - alphas)
-        unet, text = make_unet(), make_text_encoder(self.tokenizer)
+        if short:  # from the first phase's (EMA) weights
+            unet = UNet2DConditionModel.from_pretrained(str(self.work / "unet"))
+            text = CLIPTextModel.from_pretrained(str(self.work / "text_encoder"))
+        else:
+            unet, text = make_unet(), make_text_encoder(self.tokenizer)
         params = {f"unet.{k}": p for k, p in unet.named_parameters()}
         params.update({f"text.{k}": p for k, p in text.named_parameters()})
         ema = {k: p.detach().clone() for k, p in params.items()}
-        opt = torch.optim.AdamW(params.values(), lr=3e-4, weight_decay=1e-2)
+        opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=1e-2)
         b = self.budget
 
         def loss_fn(step):
-            idx, rng = self._batch("unet", step, b.unet_batch)
+            idx, rng = self._batch(name, step, b.unet_batch)
             g = _torch_gen(rng)
             lat = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)
             lat = lat * scale
             texts = [
-                "" if rng.random() < 0.1 else str(captions[i]) for i in idx
+                "" if rng.random() < 0.1 else _text(str(captions[i]), rng, short) for i in idx
             ]  # 10 % unconditional, for classifier-free guidance
             ids = self.tokenizer(
                 texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
@@ -475,17 +514,28 @@ class Pretrainer:
             return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
 
         modules = {"unet": unet, "text": text}
-        _train(
-            "unet", self.work, b.unet_steps, modules, opt, loss_fn, self.every, ema, params, 3e-4
-        )
+        _train(name, self.work, steps, modules, opt, loss_fn, self.every, ema, params, lr)
         with torch.no_grad():  # export the EMA weights
             for k, p in params.items():
                 p.copy_(ema[k])
-        unet.save_pretrained(str(self.work / "unet"), safe_serialization=True)
-        text.save_pretrained(str(self.work / "text_encoder"), safe_serialization=True)
+        suffix = "_short" if short else ""
+        unet.save_pretrained(str(self.work / f"unet{suffix}"), safe_serialization=True)
+        text.save_pretrained(str(self.work / f"text_encoder{suffix}"), safe_serialization=True)
 
     def phase_clip(self) -> None:
-        clip = make_clip(self.tokenizer)
+        self._clip("clip", self.budget.clip_steps, short=False)
+
+    def phase_clip_short(self) -> None:
+        """The toy CLIP goes on with shortened captions too (CLIP-T's texts are short)."""
+        self._clip("clip_short", self.budget.clip_short_steps, short=True)
+
+    def _clip(self, name: str, steps: int, short: bool) -> None:
+        from transformers import CLIPModel
+
+        if short:
+            clip = CLIPModel.from_pretrained(str(self.work / "clip"))
+        else:
+            clip = make_clip(self.tokenizer)
         opt = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.1)
         b = self.budget
         captions = self.data["captions"]
@@ -493,18 +543,17 @@ class Pretrainer:
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 
         def loss_fn(step):
-            idx, rng = self._batch("clip", step, b.clip_batch)
+            idx, rng = self._batch(name, step, b.clip_batch)
             x = (_flip(to_unit(self.data["images"][idx]), rng) + 1) / 2
-            tok = self.tokenizer([str(captions[i]) for i in idx], padding=True, return_tensors="pt")
+            texts = [_text(str(captions[i]), rng, short) for i in idx]
+            tok = self.tokenizer(texts, padding=True, return_tensors="pt")
             out = clip(
                 input_ids=tok.input_ids,
                 attention_mask=tok.attention_mask,
                 pixel_values=(x - mean) / std,
             )
             # Identical captions in a batch are positives for each other, not negatives.
-            same = torch.from_numpy(
-                np.array([[captions[i] == captions[j] for j in idx] for i in idx])
-            ).float()
+            same = torch.from_numpy(np.array([[a == b for b in texts] for a in texts])).float()
             target = same / same.sum(1, keepdim=True)
             lpi = out.logits_per_image
             return (
@@ -515,8 +564,8 @@ class Pretrainer:
                 / 2
             )
 
-        _train("clip", self.work, b.clip_steps, {"clip": clip}, opt, loss_fn, self.every, lr=5e-4)
-        clip.save_pretrained(str(self.work / "clip"), safe_serialization=True)
+        _train(name, self.work, steps, {"clip": clip}, opt, loss_fn, self.every, lr=5e-4)
+        clip.save_pretrained(str(self.work / name), safe_serialization=True)
 
     def phase_oracle(self) -> None:
         net = OracleNet(ORACLE_HEADS)

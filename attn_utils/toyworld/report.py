@@ -65,9 +65,12 @@ def vae_errors(base: Path, dino: Path, seed: int) -> dict:
 
 
 @torch.no_grad()
-def prompt_following(base: Path, oracle_dir: Path, seed: int, per_caption: int) -> dict:
+def prompt_following(
+    base: Path, oracle_dir: Path, seed: int, per_caption: int, short: bool = False
+) -> dict:
     """Oracle accuracy per attribute on images of held-out (category, colour, place) captions,
-    in every style: DDIM 30 steps, guidance 4."""
+    in every style: DDIM 30 steps, guidance 4. short: without size and colour ("a photo of a
+    toy at night"), as prompt files write them."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None)
@@ -79,7 +82,8 @@ def prompt_following(base: Path, oracle_dir: Path, seed: int, per_caption: int) 
     for category, colour, place in held_out_triples():
         for style in STYLES:
             size = rng.choice(list(SIZES))
-            prompts.append(f"a {style} of a {size} {colour} {category} {PLACES[place]}")
+            what = category if short else f"{size} {colour} {category}"
+            prompts.append(f"a {style} of a {what} {PLACES[place]}")
     hits: dict[str, list[bool]] = {}
     images_all = []
     for i in range(0, len(prompts), 16):
@@ -132,6 +136,10 @@ def report(out: Path, work: Path, seed: int, budget) -> dict:
         out / "base", out / "oracle", seed, budget.report_images
     )
     result["prompt_following_held_out"] = follow
+    short, _, _ = prompt_following(
+        out / "base", out / "oracle", seed, budget.report_images, short=True
+    )
+    result["prompt_following_short_prompts"] = short
     result["seconds"] = round(time.time() - t0, 1)
     write_json_atomically(out / REPORT, result)
     cols = 12
