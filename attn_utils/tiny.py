@@ -74,11 +74,10 @@ FAMILIES = {
         scheduler={"_class_name": "PNDMScheduler", "skip_prk_steps": True},
         pad_token="<|endoftext|>",
     ),
-    # stable-diffusion-xl-base-1.0: CLIP ViT-L (768, quick_gelu, pads with its end token) and
-    # OpenCLIP bigG (1280, gelu, projection 1280, pads with "!"), both configs with CLIP's
-    # legacy eos_token_id 2; a U-Net of 3 levels (no attention in the first; transformer
-    # depths 1, 2, 10 -> here 1, 1, 2) with addition_embed_type "text_time"; 1024 px, an
-    # Euler scheduler config, VAE scaling 0.13025. Built by _build_sdxl.
+    # stable-diffusion-xl-base-1.0 (_build_sdxl): CLIP ViT-L (768, quick_gelu, pads with its
+    # end token) and OpenCLIP bigG (1280, gelu, projection 1280, pads with "!"), CLIP's legacy
+    # eos_token_id 2 in both; a 3-level U-Net (transformer depths 1, 2, 10 -> 1, 1, 2) with
+    # addition_embed_type "text_time"; an Euler scheduler config, VAE scaling 0.13025.
     "sdxl": Family(
         scheduler={"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading"},
         pad_token="<|endoftext|>",
@@ -290,11 +289,10 @@ def _build_sdxl(path: Path, seed: int, family: Family, tokenizer) -> None:
     ))  # fmt: skip
     sched_keys = {**SD_SCHEDULER, **family.scheduler}
     scheduler = getattr(diffusers, sched_keys.pop("_class_name")).from_config(sched_keys)
-    pipe = StableDiffusionXLPipeline(
+    StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(str(path), safe_serialization=True)
+    ).save_pretrained(str(path), safe_serialization=True)  # fmt: skip
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "sd21-base") -> Path:

@@ -29,7 +29,7 @@ from attn_utils.argparsing import Parser  # noqa: E402
 
 PARTS = ("recipe", "pool", "bash", "resume", "fast", "flags", "inference", "lora", "sdxl")
 # issue 20: SDXL-base shapes at SDXL's defaults (docs/sdxl.md), short runs: seconds per step
-# and peak memory of each stage, then one image with heatmaps and an export.
+# and peak memory of each stage, then one image with heatmaps (and an export on the CPU).
 SDXL_STEPS = ["20", "20", "20"]
 LORA_FLAGS = ["--attn_lora_rank", "4", "--unet_lora_rank", "4"]  # issue 19: adapters, rank 4
 # Short runs of flag combinations: (name, flags); steps are cut to SHORT_STEPS.
@@ -254,11 +254,15 @@ def part_sdxl(s: Setup) -> dict:
     r["stages"] = stages_of(run)
     for v in r["stages"].values():
         v["s_per_step"] = round(v["train_seconds"] / v["steps"], 4) if v["steps"] else None
+    # an export is another full SDXL pipeline on disk (~14 GB): on the CPU only
+    export = ["--export_pipeline", str(s.out / "export_sdxl")] if s.tiny else []
     render = launch([sys.executable, "inference.py", "--run_dir", str(run), "--prompt",
                      "a {} on a beach", "--save_dir", str(s.out / "images_sdxl"),
                      "--num_images_per_prompt", "1", "--num_inference_steps",
-                     "2" if s.tiny else "25", "--save_attention_maps", "--export_pipeline",
-                     str(s.out / "export_sdxl")])  # fmt: skip
+                     "2" if s.tiny else "25", "--save_attention_maps", *export])  # fmt: skip
+    if not s.tiny:  # ~24 GB of U-Nets: the SD parts need the disk
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(model, ignore_errors=True)
     return {"train": r, "inference": render, "steps": steps}
 
 

@@ -111,7 +111,6 @@ def test_sdxl_defaults_are_ours_and_sd_keeps_the_papers(
         (["--fast"], "--fast"),
         (["--method", "dreambooth", "--no-with_prior_preservation", "--train_text_encoder"],
          "--train_text_encoder"),
-        (["--method", "dreambooth"], "--with_prior_preservation"),
         (["--method", "core"], "--method core"),
     ],
 )  # fmt: skip

@@ -242,3 +242,48 @@ def test_evaluate_study_runs_on_sdxl(tiny_sdxl, concept, tmp_path):
     cfg = json.loads((tmp_path / "out/concepts/sloth/run/run_config.json").read_text())
     assert cfg["family"] == "sdxl"
     assert list((tmp_path / "out" / "concepts" / "sloth").rglob("metrics.json"))
+
+
+def test_prior_preservation_conditions_each_half_on_its_own_prompt_and_crop(
+    tiny_sdxl, concept, tmp_path, monkeypatch
+):
+    """dreambooth on SDXL: instance and class samples each carry their prompt's pooled text
+    and their own time ids (the photos' size; the generated class images' R x R)."""
+    from attn_utils.models import load_base_model
+    from attn_utils.train import prior as prior_module
+    from attn_utils.train.conditioning import encode_text
+
+    seen = []
+    real = prior_module.denoise_losses
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prior_module, "denoise_losses", spy)
+    out = tmp_path / "db"
+    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--instance_data_dir",
+            str(concept), "--category", TINY_CATEGORY, "--output_dir", str(out), "--method",
+            "dreambooth", "--resolution", "128", "--num_class_images", "2",
+            "--sample_batch_size", "2", "--class_inference_steps", "2", "--unet_train_steps",
+            "2", "--unet_batch_size", "2"]  # fmt: skip
+    assert train_attndreambooth.main(argv) == 0
+    assert len(seen) == 2 and all(k["n_instance"] == 2 for k in seen)
+    m = load_base_model(str(tiny_sdxl))
+
+    def pooled(prompt):
+        ids = m.tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            return encode_text(m.text_encoder, ids)[1][0]
+
+    inst, cls = pooled(f"a photo of sks {TINY_CATEGORY}"), pooled(f"a photo of {TINY_CATEGORY}")
+    for k in seen:
+        cond = k["added_cond"]
+        assert cond["time_ids"].shape == (4, 6) and cond["text_embeds"].shape == (4, SDXL_POOLED)
+        assert cond["time_ids"][2:].tolist() == [[128, 128, 0, 0, 128, 128]] * 2  # class
+        assert cond["time_ids"][:2, :2].tolist() == [[160, 160]] * 2  # photos, no rotation
+        for row in cond["text_embeds"][:2]:
+            torch.testing.assert_close(row, inst)
+        for row in cond["text_embeds"][2:]:
+            torch.testing.assert_close(row, cls)

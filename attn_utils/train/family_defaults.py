@@ -55,8 +55,6 @@ SDXL_REFUSED = {
     "is LoRA (docs/sdxl.md): set --unet_learning_rate / --unet_train_steps instead",
     "train_text_encoder": "--train_text_encoder: fine-tunes SD's one text encoder; not "
     "offered for SDXL's two",
-    "with_prior_preservation": "--with_prior_preservation: not offered on SDXL yet (class "
-    "images need SDXL's pooled text and time ids); pass --no-with_prior_preservation",
     "core": "--method core: CoRe's context losses are not offered on SDXL",
 }
 
@@ -91,8 +89,6 @@ def check_family(ns: argparse.Namespace, cfg, family: str) -> None:
         raise ConfigError(SDXL_REFUSED["fast"])
     if cfg.train_text_encoder:
         raise ConfigError(SDXL_REFUSED["train_text_encoder"])
-    if cfg.with_prior_preservation:
-        raise ConfigError(SDXL_REFUSED["with_prior_preservation"])
     if cfg.method == "core":
         raise ConfigError(SDXL_REFUSED["core"])
     if cfg.method == "attndreambooth":

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from attn_utils.config import ConfigError
 from attn_utils.images import data_fingerprint, load_image, readable_suffixes, shown
 from attn_utils.method.step import denoise_losses, encode_latents
+from attn_utils.sdxl import is_sdxl
+from attn_utils.train.conditioning import encode_text, split_batch, unet_cond
 from attn_utils.train.data import InstanceDataset, _seed
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ class Prior:
     images: list[Image.Image]
     input_ids: torch.Tensor  # (1, 77)
     text: torch.Tensor | None = None  # (1, 77, D), computed on first use
+    pooled: torch.Tensor | None = None  # SDXL: the class prompt's pooled text (1, P), with it
 
 
 def setup_prior(trainer) -> Prior | None:
@@ -189,13 +192,23 @@ def with_class_images(trainer, dataset: Dataset, k: int) -> Dataset:
         cfg.stage(k).flip_p,
         rotate_p=0.0,
         crop=cfg.stage(k).crop,
+        time_ids=is_sdxl(getattr(trainer, "text_encoder", None)),  # SDXL: its crop too
     )
     return InstanceAndClass(dataset, classes)
 
 
-def prior_losses(trainer, unet, batch, text: torch.Tensor, gen, stats, sc):
-    """(instance MSE + W x class MSE, regulariser on the instance half) of one micro-batch."""
-    inst, cls = batch
+def encode_class_prompt(trainer, prior: Prior) -> None:
+    """The frozen encoder's output on the class prompt (SDXL: its pooled text too), once."""
+    with torch.no_grad():
+        text, pooled = encode_text(trainer.text_encoder, prior.input_ids.to(trainer.device))
+    prior.text = text.float()
+    prior.pooled = None if pooled is None else pooled.float()
+
+
+def prior_losses(trainer, unet, batch, text: torch.Tensor, gen, stats, sc, pooled=None):
+    """(instance MSE + W x class MSE, regulariser on the instance half) of one micro-batch;
+    on SDXL (`pooled`, the instance prompt's) each half gets its own pooled text and time ids."""
+    (inst, inst_ids), (cls, cls_ids) = split_batch(batch[0]), split_batch(batch[1])
     tr = trainer
     if tr.pool is not None:  # --cache_latents: the instance half holds pool indices
         li = tr.pool.sample(inst, gen) * tr.vae.config.scaling_factor
@@ -207,13 +220,17 @@ def prior_losses(trainer, unet, batch, text: torch.Tensor, gen, stats, sc):
         class_text = tr.text_encoder(prior.input_ids.to(tr.device))[0]
     else:
         if prior.text is None:  # frozen encoder, fixed prompt: one forward for the run
-            with torch.no_grad():
-                prior.text = tr.text_encoder(prior.input_ids.to(tr.device))[0].float()
+            encode_class_prompt(tr, prior)
         class_text = prior.text
     bi, bc = li.shape[0], lc.shape[0]
     both = torch.cat([text.expand(bi, -1, -1), class_text.to(text.dtype).expand(bc, -1, -1)])
+    cond = None
+    if pooled is not None:  # SDXL: the instance half's conditioning, then the class half's
+        ci = unet_cond(pooled, inst_ids, tr.pool, inst, bi)
+        cc = unet_cond(prior.pooled.to(pooled.dtype), cls_ids, None, cls, bc)
+        cond = {k: torch.cat([ci[k], cc[k]]) for k in ci}
     return denoise_losses(
         unet, tr.noise_scheduler, torch.cat([li, lc]), both, gen, stats, len(tr.token_ids),
         sc.reg_mean_weight, sc.reg_var_weight, tr.cfg.noise_offset, tr.cfg.channels_last,
-        n_instance=bi, prior_loss_weight=tr.cfg.prior_loss_weight,
+        n_instance=bi, prior_loss_weight=tr.cfg.prior_loss_weight, added_cond=cond,
     )  # fmt: skip

@@ -38,7 +38,7 @@ from attn_utils.train.placement import (
     place_models,
     reset_peak,
 )
-from attn_utils.train.prior import prior_losses, setup_prior
+from attn_utils.train.prior import encode_class_prompt, prior_losses, setup_prior
 from attn_utils.train.profiling import StageProfiler
 from attn_utils.train.prompts import concept_token_ids, prompt_ids, training_prompts
 from attn_utils.train.runtime import (
@@ -124,8 +124,7 @@ class Trainer(StageActions):
                 if self.cfg.validation_prompt:
                     self.validation_embeds = encode_validation_prompt(self)
                 if self.prior is not None and self.prior.text is None:  # the class prompt
-                    ids = self.prior.input_ids.to(self.device)
-                    self.prior.text = self.text_encoder(ids)[0].float()
+                    encode_class_prompt(self, self.prior)
             if offloads_text_encoder(self.cfg.offload_text_encoder, self.device):
                 self.text_encoder.to("cpu")
         return self.text_cache
@@ -357,7 +356,7 @@ class Trainer(StageActions):
         77, D), or on SDXL (that, pooled (1 or B, P)), the batch's time ids joining them."""
         text, pooled = text if isinstance(text, tuple) else (text, None)
         if isinstance(batch, (list, tuple)):  # prior preservation: (instance, class) samples
-            return prior_losses(self, unet, batch, text, gen, stats, sc)
+            return prior_losses(self, unet, batch, text, gen, stats, sc, pooled)
         batch, time_ids = split_batch(batch)
         if self.pool is not None:  # the batch holds pool indices
             latents = self.pool.sample(batch, gen) * self.vae.config.scaling_factor
