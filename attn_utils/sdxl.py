@@ -156,10 +156,11 @@ def check_tokenizers(tokenizer, tokenizer_2, where: str) -> None:
 
 def added_cond(pooled: torch.Tensor, time_ids_: torch.Tensor, batch: int) -> dict:
     """The U-Net's added_cond_kwargs for a batch: pooled (1 or B, P) broadcast to B, time ids
-    (B, 6) in the pooled embedding's dtype."""
+    (B, 6) kept in fp32 (bf16 holds integers exactly only up to 256: 1100 px would read 1104;
+    the U-Net's sinusoidal embedding of them computes in fp32 anyway)."""
     return {
         "text_embeds": pooled.expand(batch, -1),
-        "time_ids": time_ids_.to(pooled.device, pooled.dtype),
+        "time_ids": time_ids_.to(pooled.device, torch.float32),
     }
 
 

@@ -305,3 +305,13 @@ def test_the_latent_pool_keeps_each_entrys_time_ids(sdxl, concept):
     cond = unet_cond(torch.zeros(1, 32), None, pool, idx, 2)
     assert torch.equal(cond["time_ids"], pool.time_ids[idx])
     assert cond["text_embeds"].shape == (2, 32)
+
+
+def test_time_ids_stay_exact_beside_a_bf16_pooled_embedding():
+    """Under bf16 autocast the pooled text is bf16; the sizes must not round with it."""
+    from attn_utils.sdxl import added_cond
+
+    ids = torch.tensor([[1100.0, 1337, 3, 7, 1024, 1024]])
+    cond = added_cond(torch.zeros(1, 8, dtype=torch.bfloat16), ids, 1)
+    assert cond["time_ids"].dtype == torch.float32 and cond["time_ids"].tolist() == ids.tolist()
+    assert cond["text_embeds"].dtype == torch.bfloat16
