@@ -170,7 +170,9 @@ def test_inference_heatmaps_and_an_export_plain_diffusers_loads(run, tmp_path, t
     argv = ["--run_dir", str(out), "--prompt", "a {} on a hill", "--save_dir", str(save),
             "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--seed", "0",
             "--save_attention_maps", "--export_pipeline", str(export)]  # fmt: skip
-    assert inference.main(argv) == 0
+    with ForeignDefaultDevice() as mode:  # rendering names every tensor's device too
+        assert inference.main(argv) == 0
+    assert mode.redirected == []
     (entry,) = json.loads((save / "index.json").read_text())["prompts"].values()
     maps = load_file(str(save / entry["attention_maps"]["maps"]))
     assert set(maps) == {"placeholder", "category"} and maps["placeholder"].shape == (1, 16, 16)
