@@ -289,3 +289,15 @@ def test_prior_preservation_conditions_each_half_on_its_own_prompt_and_crop(
             torch.testing.assert_close(row, inst)
         for row in cond["text_embeds"][2:]:
             torch.testing.assert_close(row, cls)
+
+
+def test_an_sdxl_embedding_file_for_an_sd_model_is_one_line_naming_it(
+    run, tiny_model, tmp_path, capsys
+):
+    out, *_ = run
+    path = out / "stage_1" / "learned_embeds.safetensors"
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--learned_embedding_path",
+            str(path), "--prompt", "a {}", "--save_dir", str(tmp_path / "o")]  # fmt: skip
+    line, _ = cli_error(inference.main, capsys, argv)
+    assert line.startswith(f"error: {path}: an SDXL embedding file (clip_l, clip_g)")
+    assert not (tmp_path / "o").exists()
