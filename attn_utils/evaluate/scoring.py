@@ -28,7 +28,7 @@ TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", ORACLE: "Oracl
 
 def metric_keys(result: dict) -> tuple[str, ...]:
     """The metrics a metrics.json result holds: METRICS, then the oracle's if it was used."""
-    return tuple(result["settings"].get("metrics", METRICS))
+    return tuple(result.get("settings", {}).get("metrics", METRICS))
 
 
 PROMPT_CLASSES = ("background", "style", "accessory", "property")

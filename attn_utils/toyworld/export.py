@@ -20,6 +20,15 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def _fresh_tokenizer(p):
+    """A tokenizer object no phase has used: a fast tokenizer keeps its last call's padding
+    in its saved tokenizer.json, which would make the export depend on which phases ran in
+    this process."""
+    from attn_utils.toyworld.world import build_tokenizer
+
+    return build_tokenizer(p.work / "tokenizer")
+
+
 def _write_base(p, dest: Path) -> None:
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -31,7 +40,7 @@ def _write_base(p, dest: Path) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=CLIPTextModel.from_pretrained(str(p.work / "text_encoder_short")),
-        tokenizer=p.tokenizer,
+        tokenizer=_fresh_tokenizer(p),
         unet=UNet2DConditionModel.from_pretrained(str(p.work / "unet_short")),
         scheduler=diffusers.DDPMScheduler(**SD_SCHEDULER),
         safety_checker=None,
@@ -49,7 +58,7 @@ def _write_clip(p, dest: Path) -> None:
     from transformers import CLIPModel
 
     CLIPModel.from_pretrained(str(p.work / "clip_short")).save_pretrained(str(dest))
-    p.tokenizer.save_pretrained(str(dest))
+    _fresh_tokenizer(p).save_pretrained(str(dest))
     size = {"shortest_edge": 64}
     processor = {
         "image_processor_type": "CLIPImageProcessor",
