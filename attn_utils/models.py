@@ -212,6 +212,15 @@ SHIPPED_MANIFEST = "manifest.json"
 SHIPPED_KIND = "attndreambooth shipped models"  # the manifest's "kind": other JSON is ignored
 
 
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify_shipped(folder: str | Path, flag: str) -> None:
     """Check a local model folder against the manifest.json beside it (or in it), if any.
 
@@ -235,12 +244,9 @@ def verify_shipped(folder: str | Path, flag: str) -> None:
             continue
         if not path.is_file():
             raise ConfigError(f"{flag}: {path} is missing (listed in {manifest})")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
+        got = file_sha256(path)
+        if got != digest:
             raise ConfigError(
-                f"{flag}: {path} does not match {manifest} (sha256 {h.hexdigest()[:12]}..., "
+                f"{flag}: {path} does not match {manifest} (sha256 {got[:12]}..., "
                 f"expected {digest[:12]}...); restore it with `git checkout -- {path}`"
             )

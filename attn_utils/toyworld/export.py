@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from attn_utils.models import SHIPPED_KIND, SHIPPED_MANIFEST
+from attn_utils.models import SHIPPED_KIND, SHIPPED_MANIFEST, file_sha256
 from attn_utils.runfiles import write_dir_atomically
 from attn_utils.tiny import SD_SCHEDULER
 
@@ -103,15 +102,6 @@ def _write_oracle(p, dest: Path) -> None:
     net.load_state_dict(keep)
     config = {"heads": heads, "multi_label": [], "image_size": trained.image_size}
     Oracle(net, config).save(dest)
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> str:

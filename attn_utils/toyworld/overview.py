@@ -9,6 +9,7 @@ concept's photos, then per prompt the base model's and the learned concept's ima
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -48,15 +49,8 @@ def _row(sheet: Image.Image, y: int, label: str, images: list[Image.Image]) -> N
                     (LABEL + i * CELL, y))  # fmt: skip
 
 
-def _wrap(text: str, width: int = 30) -> str:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join([*lines, line])
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 30, break_long_words=False, break_on_hyphens=False)
 
 
 def write_overview(

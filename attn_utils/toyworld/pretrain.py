@@ -33,6 +33,14 @@ from tqdm.auto import tqdm
 from attn_utils.evaluate.oracle import Oracle, OracleNet
 from attn_utils.runfiles import write_json_atomically
 from attn_utils.tiny import SD_SCHEDULER
+from attn_utils.toyworld.nets import (
+    ORACLE_HEADS,
+    SIZE,
+    make_clip,
+    make_text_encoder,
+    make_unet,
+    make_vae,
+)
 from attn_utils.toyworld.world import (
     CATEGORIES,
     COLOURS,
@@ -44,7 +52,6 @@ from attn_utils.toyworld.world import (
     scenes,
 )
 
-SIZE = 64  # the world's image side; the VAE downsamples 4x to 16x16x4 latents
 MANIFEST = "manifest.json"
 PARTS = ("base", "clip", "dino", "oracle")  # the folders under --out
 
@@ -254,99 +261,6 @@ def _train(
         if (step + 1) % every == 0 or step + 1 == steps:
             extra = {f"ema.{k}": v for k, v in (ema or {}).items()}
             _save_ckpt(ckpt, step + 1, modules, opt, extra)
-
-
-# ---------------------------------------------------------------- models
-
-
-def make_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,  # 3 levels -> 4x downsampling
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SIZE,
-        mid_block_add_attention=False,
-    )
-
-
-def make_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-
-
-def make_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=SIZE // 4,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4, 4),  # head counts, as SD 2.1 names them
-        cross_attention_dim=64,
-        use_linear_projection=True,
-        norm_num_groups=16,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-    )
-
-
-def make_clip(tokenizer):
-    from transformers import CLIPConfig, CLIPModel
-
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        image_size=SIZE,
-        patch_size=8,
-        hidden_size=96,
-        intermediate_size=384,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-    )
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
-
-
-ORACLE_HEADS = {
-    "place": list(PLACES),
-    "style": list(STYLES),
-    "category": list(CATEGORIES),
-    "colour": list(COLOURS),
-}
 
 
 # ---------------------------------------------------------------- phases

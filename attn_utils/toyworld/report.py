@@ -64,6 +64,18 @@ def vae_errors(base: Path, dino: Path, seed: int) -> dict:
     return out
 
 
+def _tally(oracle: Oracle, images: list, texts: list[str], hits: dict[str, list[bool]]) -> None:
+    """Append, per head, whether the oracle sees what each image's text names."""
+    probs = oracle.predict(images)
+    for row, text in enumerate(texts):
+        for head, ok in oracle.checks(probs, row, text).items():
+            hits.setdefault(head, []).append(ok)
+
+
+def _rates(hits: dict[str, list[bool]]) -> dict[str, float]:
+    return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+
+
 @torch.no_grad()
 def prompt_following(
     base: Path, oracle_dir: Path, seed: int, per_caption: int, short: bool = False
@@ -93,17 +105,13 @@ def prompt_following(
             batch, num_inference_steps=30, guidance_scale=4.0, height=64, width=64,
             num_images_per_prompt=per_caption, generator=g,
         ).images  # fmt: skip
-        texts = [p for p in batch for _ in range(per_caption)]
-        probs = oracle.predict(images)
-        for row, text in enumerate(texts):
-            for head, ok in oracle.checks(probs, row, text).items():
-                hits.setdefault(head, []).append(ok)
+        _tally(oracle, images, [p for p in batch for _ in range(per_caption)], hits)
         images_all += images
     return (
         {
             "captions": len(prompts),
             "images": len(images_all),
-            "accuracy": {k: round(float(np.mean(v)), 4) for k, v in hits.items()},
+            "accuracy": _rates(hits),
         },
         images_all,
         prompts,
@@ -119,11 +127,8 @@ def oracle_accuracy(oracle_dir: Path, seed: int, n: int = 600) -> dict:
     images = [render(s, 64) for s in world]
     hits: dict[str, list[bool]] = {}
     for i in range(0, n, 100):
-        probs = oracle.predict(images[i : i + 100])
-        for row, s in enumerate(world[i : i + 100]):
-            for head, ok in oracle.checks(probs, row, caption(s)).items():
-                hits.setdefault(head, []).append(ok)
-    return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+        _tally(oracle, images[i : i + 100], [caption(s) for s in world[i : i + 100]], hits)
+    return _rates(hits)
 
 
 def report(out: Path, work: Path, seed: int, budget) -> dict:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attn_utils.config import STAGE_NAMES
 from attn_utils.toyworld.concepts import CONCEPTS, write_concept
 from attn_utils.train.methods import ABLATIONS, stage_presets
 
@@ -27,7 +28,6 @@ PROMPTS = ROOT / "dataset" / "prompts" / "toy_study.txt"
 METHODS = ("attndreambooth", "ti", "dreambooth", "ti_db", "core", *ABLATIONS)
 PAPER_ABLATIONS = ("no_stage1", "no_stage2", "no_stage3", "no_reg")
 DEFAULT_METHODS = ("attndreambooth", "ti", "dreambooth", "ti_db", "core", *PAPER_ABLATIONS)
-PREFIX = {1: "ti", 2: "attn", 3: "unet"}  # the per-stage flag prefixes of train_attndreambooth
 MIN_STEPS = 5
 PRIOR = ["--num_class_images", "40", "--class_inference_steps", "25"]
 
@@ -53,7 +53,7 @@ def method_flags(method: str, images: int) -> list[str]:
     """train_attndreambooth.py flags of one method in the miniature."""
     flags = ["--fast"] if _fast(method) else []
     for stage, steps in scaled_steps(method, images).items():
-        flags += [f"--{PREFIX[stage]}_train_steps", str(steps)]
+        flags += [f"--{STAGE_NAMES[stage]}_train_steps", str(steps)]
     if method in ("dreambooth", "ti_db"):
         flags += PRIOR
     if method == "core":
@@ -69,7 +69,7 @@ def study_argv(args) -> list[str]:
             raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     concepts = Path(args.out) / "concepts.json"
     train = ["--resolution", "64"] + [
-        x for p in PREFIX.values() for x in (f"--{p}_validation_steps", "0")
+        x for p in STAGE_NAMES.values() for x in (f"--{p}_validation_steps", "0")
     ]
     infer = ["--num_inference_steps", "25", "--resolution", "64", "--infer_batch_size", "10"]
     argv = [
