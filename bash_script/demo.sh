@@ -25,14 +25,16 @@ MSG
 CATEGORY=$("$PY" -c "from attn_utils.toyworld.concepts import CONCEPTS; print(CONCEPTS['$CONCEPT']['category'])")
 
 # The paper's recipe with its fast stage 3 (--fast: 200 steps at batch 4) at the toy model's
-# 64 px. Relaunching after an interruption continues from the newest checkpoint.
+# 64 px, without its rotations (--rotate_p 0: 45-degree turns with black corners, meant for
+# real photos, are scenes the toy base model has never seen; docs/toyworld.md measures it).
+# Relaunching after an interruption continues from the newest checkpoint.
 "$PY" train_attndreambooth.py \
   --pretrained_model_name_or_path "$MODELS/base" \
   --instance_data_dir "$OUT/$CONCEPT" \
   --category "$CATEGORY" \
   --output_dir "$OUT/run" \
   --resolution 64 \
-  --fast \
+  --fast --rotate_p 0 \
   --ti_validation_steps 0 --attn_validation_steps 0 --unet_validation_steps 0 \
   --checkpointing_steps 50
 
@@ -61,8 +63,10 @@ cat <<MSG
    ("a photo of a $CATEGORY at night") and the learned concept ("a photo of a [V] $CATEGORY at
    night"), from the same starting noise. The two lines above score them: CLIP-I and DINO
    (the toy metric models) measure identity against the photos; CLIP-T and the oracle (the
-   share of the prompt's place and style words it sees) text alignment.
-   Honest status: the shipped toy base model is weak (it follows a prompt's place and style
-   in about 3 images of 4, blurrily), and at the paper's step counts the learned concept's
-   identity does not yet show in its renders; docs/toyworld.md has the measurements.
+   share of the place, style, category and colour words of the prompt it sees) text alignment.
+   Honest status: the shipped toy base model is weak (it follows a prompt's place in about
+   half of its images, blurrily, and a thing's category in about one in five). The learned
+   concept scores higher identity than the base model (toy CLIP-I, measured +0.08) with the
+   same text alignment, but its renders do not visibly show the concept's checker pattern;
+   docs/toyworld.md has the measurements.
 MSG

@@ -17,7 +17,7 @@ from conftest import ROOT
 from PIL import Image
 
 from attn_utils.config import ConfigError
-from attn_utils.evaluate.oracle import Oracle, OracleNet
+from attn_utils.evaluate.oracle import Oracle, OracleNet, presence
 from attn_utils.models import SHIPPED_MANIFEST, load_base_model, verify_shipped
 from attn_utils.toyworld import pretrain
 from attn_utils.toyworld.world import held_out_triples, is_held_out, scenes
@@ -147,11 +147,34 @@ def test_the_oracle_checks_exactly_the_attributes_a_prompt_names():
     ]
     got = oracle.scores([im] * 4, prompts)
     assert got[:3].tolist() == [1.0, 1 / 3, 1 / 3] and np.isnan(got[3])
-    net = OracleNet(config["heads"], width=8)  # the real net: its heads have the label counts
+    net = OracleNet(config["heads"], width=8, dense=("category", "colour"))  # the real net
     out = net(torch.zeros(2, 3, 16, 16))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "place": (2, 3), "style": (2, 2), "category": (2, 3), "colour": (2, 2)
+        "place": (2, 3), "style": (2, 2), "category": (2, 4, 4, 4), "colour": (2, 3, 4, 4)
     }  # fmt: skip
+
+
+def test_a_dense_head_sees_a_small_thing_and_not_one_stray_location():
+    logits = torch.zeros(1, 3, 8, 8)  # (nothing, toy, ball) per location
+    logits[0, 0] = 5.0  # nothing, everywhere
+    logits[0, 1, 2:4, 2:4] = 10.0  # a toy over 2x2 locations (a 16th of a 32 px image)
+    logits[0, 2, 6, 6] = 10.0  # a ball at one location only: noise
+    p = presence(logits)[0]
+    assert p[0] > 0.9 and p[1] < 0.5
+    # The same thing through Oracle.predict, with the config's dense heads.
+    config = {"heads": {"category": ["toy", "ball"]}, "dense": ["category"], "image_size": 32}
+    oracle = Oracle(_DenseNet(logits), config)
+    got = oracle.scores([Image.new("RGB", (32, 32))] * 2, ["a photo of a toy", "a ball"])
+    assert got.tolist() == [1.0, 0.0]
+
+
+class _DenseNet(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return {"category": self.logits.expand(len(x), -1, -1, -1)}
 
 
 def test_the_cli_names_the_known_concepts_for_an_unknown_one(tmp_path):

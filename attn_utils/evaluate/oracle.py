@@ -1,11 +1,15 @@
 """An oracle: a small classifier that knows a procedural world's attributes (place, style, the
-categories and colours present), and the text-alignment score it gives a prompt.
+categories and colours of its things), and the text-alignment score it gives a prompt.
 
 The world's vocabulary lives in the oracle's own config.json, so this module knows no world:
 the toy world (attn_utils/toyworld) trains one and evaluate.py loads it with --oracle_model.
-A prompt is scored on the attributes it names: for each head, every label that appears in the
-prompt as a whole word must be what the oracle sees (the argmax for a single-label head such
-as the place; present, p > 0.5, for a multi-label head such as the colours).
+Scene heads (place, style) classify the image's pooled features. Thing heads (category,
+colour) are dense, detector-style: every location of a quarter-size feature map is classified
+as nothing or one of the head's labels (trained on where the renderer drew each thing), and
+an image shows a label where some location gives it p > 0.5, so a small thing counts as much
+as a large one. A prompt is scored on the attributes it names: for each head, every label that
+appears in the prompt as a whole word must be what the oracle sees (the argmax for a scene
+head; present for a thing head).
 """
 
 from __future__ import annotations
@@ -18,20 +22,23 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
 class OracleNet(nn.Module):
-    """Four stride-2 conv blocks, global average pooling, one linear head per attribute."""
+    """Four conv blocks (strides 2, 2, 1, 1: a map of a quarter of the input's side). Scene
+    heads: a linear layer on the map's mean. Dense heads: a 1x1 conv giving, per location,
+    logits of (nothing, *labels)."""
 
-    def __init__(self, heads: dict[str, list[str]], width: int = 32):
+    def __init__(self, heads: dict[str, list[str]], width: int = 32, dense: tuple = ()):
         super().__init__()
         layers, c_in = [], 3
-        for c_out in (width, 2 * width, 4 * width, 4 * width):
+        for c_out, stride in zip((width, 2 * width, 3 * width, 3 * width), (2, 2, 1, 1)):
             layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
                 nn.GroupNorm(8, c_out),
                 nn.SiLU(),
                 nn.Conv2d(c_out, c_out, 3, padding=1),
@@ -40,12 +47,27 @@ class OracleNet(nn.Module):
             ]
             c_in = c_out
         self.body = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({k: nn.Linear(c_in, len(v)) for k, v in heads.items()})
+        self.dense = tuple(dense)
+        self.heads = nn.ModuleDict(
+            {
+                k: nn.Conv2d(c_in, len(v) + 1, 1) if k in self.dense else nn.Linear(c_in, len(v))
+                for k, v in heads.items()
+            }
+        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: (B, 3, H, W) in [-1, 1] -> {head: (B, labels) logits}."""
-        h = self.body(x).mean(dim=(2, 3))
-        return {k: head(h) for k, head in self.heads.items()}
+        """x: (B, 3, H, W) in [-1, 1] -> {scene head: (B, labels) logits, dense head:
+        (B, 1 + labels, H/4, W/4) logits, channel 0 meaning nothing}."""
+        h = self.body(x)
+        pooled = h.mean(dim=(2, 3))
+        return {k: head(h if k in self.dense else pooled) for k, head in self.heads.items()}
+
+
+def presence(dense_logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + L, h, w) logits -> (B, L): per label, its largest probability over locations
+    (after a 2x2 average, so one stray location does not make a thing)."""
+    p = F.avg_pool2d(dense_logits.softmax(1), 2, stride=1)
+    return p[:, 1:].amax(dim=(2, 3))
 
 
 def to_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -64,7 +86,8 @@ class Oracle:
     def __init__(self, net: OracleNet, config: dict):
         self.net = net.eval()
         self.heads: dict[str, list[str]] = config["heads"]
-        self.multi_label = set(config.get("multi_label", []))
+        self.dense = set(config.get("dense", []))
+        self.multi_label = set(config.get("multi_label", [])) | self.dense
         self.image_size = int(config["image_size"])
 
     @classmethod
@@ -77,7 +100,7 @@ class Oracle:
             if not (folder / name).is_file():
                 raise ValueError(f"--oracle_model: {folder / name} does not exist")
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        net = OracleNet(config["heads"], config.get("width", 32))
+        net = OracleNet(config["heads"], config.get("width", 32), tuple(config.get("dense", ())))
         net.load_state_dict(load_file(str(folder / WEIGHTS)))
         return cls(net, config)
 
@@ -92,6 +115,7 @@ class Oracle:
             "multi_label": sorted(self.multi_label),
             "image_size": self.image_size,
             "width": self.net.body[0].out_channels,
+            "dense": list(self.net.dense),
             **(extra or {}),
         }
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -100,12 +124,16 @@ class Oracle:
 
     @torch.inference_mode()
     def predict(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
-        """{head: (B, labels)} probabilities: softmax, or sigmoid for a multi-label head."""
+        """{head: (B, labels)} probabilities: softmax for a scene head, presence for a dense
+        head, sigmoid for another multi-label head."""
         logits = self.net(to_pixels(images, self.image_size))
-        return {
-            k: (v.sigmoid() if k in self.multi_label else v.softmax(-1)).numpy()
-            for k, v in logits.items()
-        }
+        out = {}
+        for k, v in logits.items():
+            if k in self.dense:
+                out[k] = presence(v).numpy()
+            else:
+                out[k] = (v.sigmoid() if k in self.multi_label else v.softmax(-1)).numpy()
+        return out
 
     def named(self, prompt: str) -> dict[str, list[int]]:
         """{head: indices of its labels the prompt names as whole words}; empty heads omitted."""

@@ -43,7 +43,7 @@ def build_parser() -> Parser:
     st.add_argument("--out", required=True, help="the study's folder")
     st.add_argument("--name", action="append", help="a concept (repeatable; default all)")
     st.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
-    st.add_argument("--images", type=int, default=700, help="instance images each method "
+    st.add_argument("--images", type=int, default=1000, help="instance images each method "
                     "trains on, per concept (its steps are scaled to it)")  # fmt: skip
     st.add_argument("--images_per_prompt", type=int, default=2, help="renders per prompt")
     st.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from attn_utils.toyworld.world import ACCENTS, SIZES, Scene, Thing
+from attn_utils.toyworld.world import ACCENTS, CATEGORIES, COLOURS, SIZES, Scene, Thing
 
+IGNORE = 255  # thing_labels: a cell the oracle is not taught
 HORIZON = 0.55  # where the ground starts, as a fraction of the height
 # Place -> (sky, ground) colours; features are drawn on top by _FEATURES.
 _PLACE_COLOURS = {
@@ -234,3 +235,26 @@ def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
             total = np.maximum(total, np.asarray(m, np.float32) / 255)
     img = Image.fromarray((total * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BOX)
     return np.asarray(img, np.float32) / 255
+
+
+def thing_labels(scene: Scene, size: int = 64, grid: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(category map, colour map), each (grid, grid) uint8: 0 where no thing is, 1 + the
+    index in CATEGORIES / COLOURS (the body colour) where a thing covers at least half of the
+    cell, IGNORE where one covers 15-50 % (the oracle is not taught edges). A later-drawn thing
+    covers an earlier one, as in render."""
+    big = 2 * size
+    cat = np.zeros((grid, grid), np.uint8)
+    col = np.zeros((grid, grid), np.uint8)
+    seen = np.zeros((grid, grid), np.float32)
+    for t in (scene.thing, scene.other):
+        if t is None:
+            continue
+        cx, cy, _ = _geometry(t, big)
+        m = _silhouette(t, big).rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
+        cover = np.asarray(m.resize((grid, grid), Image.Resampling.BOX), np.float32) / 255
+        on = cover >= 0.5
+        cat[on], col[on] = 1 + CATEGORIES.index(t.category), 1 + list(COLOURS).index(t.colour)
+        seen = np.maximum(seen, cover)
+    edge = (seen >= 0.15) & (cat == 0)
+    cat[edge] = col[edge] = IGNORE
+    return cat, col

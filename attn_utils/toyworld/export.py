@@ -84,24 +84,10 @@ def _write_dino(p, dest: Path) -> None:
     vision.save_pretrained(str(dest))
 
 
-# The oracle's heads that ship. The category and colour heads did not learn in the oracle's
-# budget (21 % and 6 % on rendered scenes at 900 steps, where place and style reach 100 %:
-# small objects under global pooling); a score from them would mislead, so they are left out
-# and the Oracle column judges a prompt's place and style words (docs/toyworld.md).
-ORACLE_HEADS_SHIPPED = ("place", "style")
-
-
 def _write_oracle(p, dest: Path) -> None:
-    from attn_utils.evaluate.oracle import Oracle, OracleNet
+    from attn_utils.evaluate.oracle import Oracle
 
-    trained = Oracle.load(p.work / "oracle")
-    heads = {k: v for k, v in trained.heads.items() if k in ORACLE_HEADS_SHIPPED}
-    net = OracleNet(heads, trained.net.body[0].out_channels)
-    keep = {k: v for k, v in trained.net.state_dict().items() if not k.startswith("heads.")
-            or k.split(".")[1] in heads}  # fmt: skip
-    net.load_state_dict(keep)
-    config = {"heads": heads, "multi_label": [], "image_size": trained.image_size}
-    Oracle(net, config).save(dest)
+    Oracle.load(p.work / "oracle").save(dest)
 
 
 def git_commit() -> str:

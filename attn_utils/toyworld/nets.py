@@ -89,3 +89,4 @@ ORACLE_HEADS = {
     "category": list(CATEGORIES),
     "colour": list(COLOURS),
 }
+ORACLE_DENSE = ("category", "colour")  # detector-style heads (attn_utils/evaluate/oracle.py)

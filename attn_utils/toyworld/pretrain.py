@@ -34,6 +34,7 @@ from attn_utils.evaluate.oracle import Oracle, OracleNet
 from attn_utils.runfiles import write_json_atomically
 from attn_utils.tiny import SD_SCHEDULER
 from attn_utils.toyworld.nets import (
+    ORACLE_DENSE,
     ORACLE_HEADS,
     SIZE,
     make_clip,
@@ -53,6 +54,8 @@ from attn_utils.toyworld.world import (
 )
 
 MANIFEST = "manifest.json"
+SHORT_P = 0.3  # the first diffusion phase shortens this share of its captions (see shorten)
+THING_WEIGHT = 5.0  # the diffusion loss on the things' latents, against the background's
 PARTS = ("base", "clip", "dino", "oracle")  # the folders under --out
 
 
@@ -63,7 +66,7 @@ class Budget:
     scenes: int = 32000
     vae_steps: int = 1500
     vae_batch: int = 32
-    unet_steps: int = 1900
+    unet_steps: int = 2200
     unet_batch: int = 64
     clip_steps: int = 800
     short_steps: int = 700  # the U-Net and text encoder on shortened captions
@@ -170,8 +173,11 @@ def shorten(text: str, rng: np.random.Generator) -> str:
     return " ".join(w for w in text.split() if not (w in drop and rng.random() < 0.5))
 
 
-def _text(caption_: str, rng: np.random.Generator, short: bool) -> str:
-    return shorten(caption_, rng) if short else caption_
+def _text(caption_: str, rng: np.random.Generator, short: float) -> str:
+    """The caption, shortened with probability short (a draw only when 0 < short < 1)."""
+    if short >= 1 or (short > 0 and rng.random() < short):
+        return shorten(caption_, rng)
+    return caption_
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -266,14 +272,23 @@ def _train(
 # ---------------------------------------------------------------- phases
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """For the oracle: flips, and blur or noise of the strength generated images show."""
-    x = _flip(x, rng)
+def _augment(x: torch.Tensor, flip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """For the oracle: flips where flip (B,) is true, and blur or noise of the strength
+    generated images show."""
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     blur = torch.from_numpy(rng.random(len(x)) < 0.5)[:, None, None, None]
     soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     x = torch.where(blur, soft, x)
     noise = torch.from_numpy(rng.uniform(0, 0.1, (len(x), 1, 1, 1)).astype(np.float32))
     return x + noise * torch.randn(x.shape, generator=_torch_gen(rng))
+
+
+def _oracle_labels(world: list[Scene]) -> dict[str, np.ndarray]:
+    """The oracle's dense targets: {category, colour: (N, 16, 16) uint8} (draw.thing_labels)."""
+    from attn_utils.toyworld.draw import thing_labels
+
+    maps = [thing_labels(s, SIZE, SIZE // 4) for s in tqdm(world, desc="oracle labels")]
+    return {"category": np.stack([m[0] for m in maps]), "colour": np.stack([m[1] for m in maps])}
 
 
 class Pretrainer:
@@ -375,15 +390,15 @@ class Pretrainer:
         os.replace(tmp, self.work / "latents.npz")
 
     def phase_unet(self) -> None:
-        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=False)
+        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=SHORT_P)
 
     def phase_short(self) -> None:
         """The U-Net and text encoder go on from "unet" with shortened captions: a prompt may
         leave out sizes, colours, patterns and the second thing ("a photo of a toy at night")
         and still be in the model's distribution."""
-        self._diffusion("short", self.budget.short_steps, 1e-4, short=True)
+        self._diffusion("short", self.budget.short_steps, 1e-4, short=1.0)
 
-    def _diffusion(self, name: str, steps: int, lr: float, short: bool) -> None:
+    def _diffusion(self, name: str, steps: int, lr: float, short: float) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -394,10 +409,11 @@ class Pretrainer:
             float(z["scale"]),
         )
         captions = self.data["captions"]
+        masks = np.load(self.work / "masks.npz", allow_pickle=False)["masks"]
         sched = DDPMScheduler(**SD_SCHEDULER)
         alphas = sched.alphas_cumprod
         snr = alphas / (1 - alphas)
-        if short:  # from the first phase's (EMA) weights
+        if name == "short":  # from the first phase's (EMA) weights
             unet = UNet2DConditionModel.from_pretrained(str(self.work / "unet"))
             text = CLIPTextModel.from_pretrained(str(self.work / "text_encoder"))
         else:
@@ -423,16 +439,21 @@ class Pretrainer:
             noise = torch.randn(lat.shape, generator=g)
             noisy = sched.add_noise(lat, noise, t)
             pred = unet(noisy, t, text(ids)[0]).sample
+            # The things' latents weigh THING_WEIGHT x (each sample's weights averaging 1): they
+            # are a tenth of the picture but all of its categories, colours and identities.
+            cover = F.avg_pool2d(torch.from_numpy(masks[idx]).float()[:, None] / 255, 4)
+            where = 1 + (THING_WEIGHT - 1) * cover
+            where = where / where.mean(dim=(1, 2, 3), keepdim=True)
             # Min-SNR-5 weighting (Hang et al. 2023): faster convergence of a small model.
             w = (torch.clamp(snr[t], max=5.0) / snr[t]).float()
-            return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            return (w * ((pred - noise).pow(2) * where).mean(dim=(1, 2, 3))).mean()
 
         modules = {"unet": unet, "text": text}
         _train(name, self.work, steps, modules, opt, loss_fn, self.every, ema, params, lr)
         with torch.no_grad():  # export the EMA weights
             for k, p in params.items():
                 p.copy_(ema[k])
-        suffix = "_short" if short else ""
+        suffix = "_short" if name == "short" else ""
         unet.save_pretrained(str(self.work / f"unet{suffix}"), safe_serialization=True)
         text.save_pretrained(str(self.work / f"text_encoder{suffix}"), safe_serialization=True)
 
@@ -482,31 +503,35 @@ class Pretrainer:
         clip.save_pretrained(str(self.work / name), safe_serialization=True)
 
     def phase_oracle(self) -> None:
-        net = OracleNet(ORACLE_HEADS)
+        from attn_utils.evaluate.oracle import presence
+        from attn_utils.toyworld.draw import IGNORE
+
+        net = OracleNet(ORACLE_HEADS, dense=ORACLE_DENSE)
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
         b = self.budget
         d = self.data
+        maps = _oracle_labels(scenes(self.seed, b.scenes, training=True))
 
         def loss_fn(step):
             idx, rng = self._batch("oracle", step, b.oracle_batch)
-            x = to_unit(d["images"][idx])
-            x = _augment(x, rng)
-            out = net(x)
-            return (
-                F.cross_entropy(out["place"], torch.from_numpy(d["place"][idx]))
-                + F.cross_entropy(out["style"], torch.from_numpy(d["style"][idx]))
-                + F.binary_cross_entropy_with_logits(
-                    out["category"], torch.from_numpy(d["category"][idx]).float()
-                )
-                + F.binary_cross_entropy_with_logits(
-                    out["colour"], torch.from_numpy(d["colour"][idx]).float()
-                )
+            flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+            out = net(_augment(to_unit(d["images"][idx]), flip, rng))
+            loss = F.cross_entropy(out["place"], torch.from_numpy(d["place"][idx])) + (
+                F.cross_entropy(out["style"], torch.from_numpy(d["style"][idx]))
             )
+            for head in ORACLE_DENSE:  # per location, and the image-level presence it gives
+                target = torch.from_numpy(maps[head][idx]).long()
+                target = torch.where(flip[:, None, None], target.flip(-1), target)
+                loss = loss + F.cross_entropy(out[head], target, ignore_index=IGNORE)
+                present = torch.from_numpy(d[head][idx]).float()
+                p = presence(out[head]).clamp(1e-6, 1 - 1e-6)
+                loss = loss + F.binary_cross_entropy(p, present)
+            return loss
 
         _train(
             "oracle", self.work, b.oracle_steps, {"oracle": net}, opt, loss_fn, self.every, lr=2e-3
         )
-        config = {"heads": ORACLE_HEADS, "multi_label": ["category", "colour"], "image_size": SIZE}
+        config = {"heads": ORACLE_HEADS, "dense": list(ORACLE_DENSE), "image_size": SIZE}
         Oracle(net, config).save(self.work / "oracle")
 
     def phase_export(self) -> None:
