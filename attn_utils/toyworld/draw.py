@@ -224,15 +224,19 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return _stylise(img, scene.style, rng)
 
 
+def _placed_silhouette(t: Thing, s: int) -> Image.Image:
+    """The thing's silhouette as render places it (rotated about its centre), L, 255 inside."""
+    cx, cy, _ = _geometry(t, s)
+    return _silhouette(t, s).rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
+
+
 def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
     """(size, size) float32 in [0, 1]: where the scene's things are (render's geometry)."""
     big = 2 * size
     total = np.zeros((big, big), np.float32)
     for t in (scene.thing, scene.other):
         if t is not None:
-            cx, cy, _ = _geometry(t, big)
-            m = _silhouette(t, big).rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
-            total = np.maximum(total, np.asarray(m, np.float32) / 255)
+            total = np.maximum(total, np.asarray(_placed_silhouette(t, big), np.float32) / 255)
     img = Image.fromarray((total * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BOX)
     return np.asarray(img, np.float32) / 255
 
@@ -249,9 +253,8 @@ def thing_labels(scene: Scene, size: int = 64, grid: int = 16) -> tuple[np.ndarr
     for t in (scene.thing, scene.other):
         if t is None:
             continue
-        cx, cy, _ = _geometry(t, big)
-        m = _silhouette(t, big).rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
-        cover = np.asarray(m.resize((grid, grid), Image.Resampling.BOX), np.float32) / 255
+        m = _placed_silhouette(t, big).resize((grid, grid), Image.Resampling.BOX)
+        cover = np.asarray(m, np.float32) / 255
         on = cover >= 0.5
         cat[on], col[on] = 1 + CATEGORIES.index(t.category), 1 + list(COLOURS).index(t.colour)
         seen = np.maximum(seen, cover)

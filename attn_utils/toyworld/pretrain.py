@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attn_utils.evaluate.oracle import Oracle, OracleNet
+from attn_utils.evaluate.oracle import Oracle, OracleNet, presence
 from attn_utils.runfiles import write_json_atomically
 from attn_utils.tiny import SD_SCHEDULER
 from attn_utils.toyworld.nets import (
@@ -503,7 +503,6 @@ class Pretrainer:
         clip.save_pretrained(str(self.work / name), safe_serialization=True)
 
     def phase_oracle(self) -> None:
-        from attn_utils.evaluate.oracle import presence
         from attn_utils.toyworld.draw import IGNORE
 
         net = OracleNet(ORACLE_HEADS, dense=ORACLE_DENSE)
