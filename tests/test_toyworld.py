@@ -113,7 +113,7 @@ def test_the_world_never_shows_a_concept_individual():
     assert sum(world._sample_look(rng) in RESERVED_LOOKS for _ in range(20000)) > 0
 
 
-@pytest.mark.parametrize("style", ["photo", "painting"])
+@pytest.mark.parametrize("style", ["photo", "painting", "sketch"])
 def test_places_are_told_apart_by_the_mean_colour_of_sky_and_ground(style):
     """A nearest-centroid classifier on six numbers: a model could surely learn the places."""
 

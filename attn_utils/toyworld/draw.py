@@ -206,7 +206,8 @@ def _stylise(img: Image.Image, style: str, rng: np.random.Generator) -> Image.Im
         gy, gx = np.gradient(grey)
         ink = np.clip(np.hypot(gx, gy) * 4 * 64 / s / 255, 0, 1)[..., None]
         paper = np.array([250, 247, 240], np.float32)
-        x = paper * (1 - ink) + 0.7 * x * ink  # colour survives in the strokes
+        wash = 0.6 * paper + 0.4 * x  # a pale wash of the colours, so they survive
+        x = wash * (1 - ink) + 0.6 * x * ink
     else:
         raise ValueError(f"unknown style {style!r}")
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
@@ -241,11 +242,27 @@ def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
     return np.asarray(img, np.float32) / 255
 
 
+def _placed_body(t: Thing, s: int) -> Image.Image:
+    """Where the thing shows its body colour (not its pattern's accent, rim or eyes), placed
+    as render places it; L, 255 there."""
+    cx, cy, h = _geometry(t, s)
+    surface = np.asarray(_pattern(t, s, cx, cy, h))
+    body = np.all(surface == ACCENTS[t.colour], axis=-1)
+    mask = np.asarray(_silhouette(t, s))
+    if t.rim:  # the rim is as wide as _thing_layer draws it
+        width = max(3, 2 * round(0.07 * h) + 1)
+        mask = np.asarray(Image.fromarray(mask).filter(ImageFilter.MinFilter(width)))
+    out = Image.fromarray(np.where(body, mask, 0).astype(np.uint8))
+    return out.rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
+
+
 def thing_labels(scene: Scene, size: int = 64, grid: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(category map, colour map), each (grid, grid) uint8: 0 where no thing is, 1 + the
-    index in CATEGORIES / COLOURS (the body colour) where a thing covers at least half of the
-    cell, IGNORE where one covers 15-50 % (the oracle is not taught edges). A later-drawn thing
-    covers an earlier one, as in render."""
+    index in CATEGORIES where a thing covers at least half of the cell, IGNORE where one
+    covers 15-50 % (the oracle is not taught edges). The colour map names the body colour
+    (1 + its index in COLOURS) only where the body colour itself covers 40 % of the cell;
+    cells of the thing that its pattern's accent or rim dominates are IGNORE there. A
+    later-drawn thing covers an earlier one, as in render."""
     big = 2 * size
     cat = np.zeros((grid, grid), np.uint8)
     col = np.zeros((grid, grid), np.uint8)
@@ -255,8 +272,11 @@ def thing_labels(scene: Scene, size: int = 64, grid: int = 16) -> tuple[np.ndarr
             continue
         m = _placed_silhouette(t, big).resize((grid, grid), Image.Resampling.BOX)
         cover = np.asarray(m, np.float32) / 255
+        body = _placed_body(t, big).resize((grid, grid), Image.Resampling.BOX)
+        body_on = np.asarray(body, np.float32) / 255 >= 0.4
         on = cover >= 0.5
-        cat[on], col[on] = 1 + CATEGORIES.index(t.category), 1 + list(COLOURS).index(t.colour)
+        cat[on] = 1 + CATEGORIES.index(t.category)
+        col[on] = np.where(body_on[on], 1 + list(COLOURS).index(t.colour), IGNORE)
         seen = np.maximum(seen, cover)
     edge = (seen >= 0.15) & (cat == 0)
     cat[edge] = col[edge] = IGNORE

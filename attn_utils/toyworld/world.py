@@ -23,7 +23,7 @@ COLOURS = {
 }
 # Accent colours (pattern and rim) are never named in a caption, so white and black join them.
 ACCENTS = {**COLOURS, "white": (245, 245, 245), "black": (25, 25, 25)}
-SIZES = {"small": 0.11, "big": 0.18}  # half the object's height, as a fraction of the image
+SIZES = {"small": 0.15, "big": 0.22}  # half the object's height, as a fraction of the image
 # Place -> how a caption says it.
 PLACES = {
     "beach": "on the beach",
@@ -125,7 +125,7 @@ def sample_scene(rng: random.Random) -> Scene:
     style = rng.choice(STYLES)
     seed = rng.randrange(2**31)
     if rng.random() < 1 / 3:
-        left, right = (0.27, 0.73) if rng.random() < 0.5 else (0.73, 0.27)
+        left, right = (0.25, 0.75) if rng.random() < 0.5 else (0.75, 0.25)
         thing, other = sample_thing(rng, left), sample_thing(rng, right)
         return Scene(thing, place, style, seed, other)
     return Scene(sample_thing(rng, rng.uniform(0.35, 0.65)), place, style, seed)
