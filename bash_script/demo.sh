@@ -65,8 +65,8 @@ cat <<MSG
    (the toy metric models) measure identity against the photos; CLIP-T and the oracle (the
    share of the place, style, category and colour words of the prompt it sees) text alignment.
    Honest status: the shipped toy base model is weak (it follows a prompt's place in about
-   half of its images, blurrily, and a thing's category in about one in five). The learned
-   concept scores higher identity than the base model (toy CLIP-I, measured +0.08) with the
-   same text alignment, but its renders do not visibly show the concept's checker pattern;
-   docs/toyworld.md has the measurements.
+   three images of five, blurrily, and a thing's category in about one in four). The learned
+   concept scores slightly higher identity than the base model (toy CLIP-I, measured +0.03)
+   at some cost in text alignment, and its renders do not visibly show the concept's checker
+   pattern; docs/toyworld.md has the measurements.
 MSG

@@ -132,8 +132,8 @@ def test_the_end_of_training_names_the_token_the_weights_and_a_command_that_runs
     assert (out / "samples" / "index.json").is_file()
 
 
-DEMO_IDENTITY_MARGIN = 0.04  # half the measured rise; run-to-run noise on one machine is 0
-DEMO_ORACLE_FLOOR = 0.25  # the learned concept's measured 0.375, less a third
+DEMO_IDENTITY_MARGIN = 0.015  # half the measured rise; run-to-run noise on one machine is 0
+DEMO_ORACLE_FLOOR = 0.30  # the learned concept's measured 0.396, less a quarter
 
 
 def test_the_demo_says_what_to_expect_and_makes_its_picture(tmp_path):
@@ -159,7 +159,8 @@ def test_the_demo_says_what_to_expect_and_makes_its_picture(tmp_path):
         assert im.size == (200 + 5 * 128, 128 * 9)
     # The concept is learned: identity (toy CLIP-I to its photos) rises over the base model's
     # renders of the same prompts, and text alignment (the oracle) stays above a floor.
-    # Measured 2026-12-03: CLIP-I -0.215 -> -0.131 (+0.084), Oracle 0.354 -> 0.375.
+    # Measured 2026-12-03 (base model of 74b5892): CLIP-I -0.120 -> -0.091 (+0.029), Oracle
+    # 0.438 -> 0.396.
     base, learned = (
         json.loads((out / d / "metrics.json").read_text())["overall"]
         for d in ("base_images", "images")

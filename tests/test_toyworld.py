@@ -154,3 +154,24 @@ def test_the_cli_writes_what_it_says(tmp_path, capsys):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(CONCEPTS)
+
+
+def test_the_oracle_colour_target_names_the_body_colour_only_where_it_shows():
+    """A two-tone thing's upper half is its accent: the colour map leaves those cells out (the
+    oracle is taught blue where blue is drawn), while the category map covers the whole thing."""
+    from attn_utils.toyworld.draw import IGNORE, thing_labels
+
+    def maps(pattern: str, accent: str) -> tuple[np.ndarray, np.ndarray]:
+        t = Thing("ball", "blue", pattern, accent, size="big", x=0.5, y=0.5)
+        return thing_labels(Scene(t, "snow", "photo", 0), 64, 16)
+
+    blue = 1 + list(world.COLOURS).index("blue")
+    cat, col = maps("plain", "")
+    inside = (cat != 0) & (cat != IGNORE)
+    assert inside.sum() > 20 and (col[inside] == blue).all()
+    cat, col = maps("twotone", "yellow")
+    inside = (cat != 0) & (cat != IGNORE)
+    rows = np.nonzero(inside.any(1))[0]
+    top, bottom = rows[: len(rows) // 3], rows[-len(rows) // 3 :]
+    assert (col[top][inside[top]] == IGNORE).all()  # yellow there, not blue
+    assert (col[bottom][inside[bottom]] == blue).all()

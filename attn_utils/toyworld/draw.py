@@ -160,14 +160,18 @@ def _silhouette(t: Thing, s: int) -> Image.Image:
     return mask
 
 
+def _rim_width(h: float) -> int:
+    """A rim's width in pixels for a thing of half-height h: odd, about a tenth of its size."""
+    return max(3, 2 * round(0.07 * h) + 1)
+
+
 def _thing_layer(t: Thing, s: int, photo: bool) -> Image.Image:
     """The thing as an RGBA layer over the whole canvas (rotated, rimmed, shaded for photos)."""
     cx, cy, h = _geometry(t, s)
     mask = _silhouette(t, s)
     surface = _pattern(t, s, cx, cy, h)
     if t.rim:
-        width = max(3, 2 * round(0.07 * h) + 1)  # odd, and about a tenth of the thing's size
-        inner = mask.filter(ImageFilter.MinFilter(width))
+        inner = mask.filter(ImageFilter.MinFilter(_rim_width(h)))
         ring = Image.fromarray(np.asarray(mask) - np.asarray(inner))
         surface.paste(ACCENTS[t.rim], mask=ring)
     if t.category in ("toy", "bird"):  # eyes, so the head reads as a head
@@ -249,9 +253,8 @@ def _placed_body(t: Thing, s: int) -> Image.Image:
     surface = np.asarray(_pattern(t, s, cx, cy, h))
     body = np.all(surface == ACCENTS[t.colour], axis=-1)
     mask = np.asarray(_silhouette(t, s))
-    if t.rim:  # the rim is as wide as _thing_layer draws it
-        width = max(3, 2 * round(0.07 * h) + 1)
-        mask = np.asarray(Image.fromarray(mask).filter(ImageFilter.MinFilter(width)))
+    if t.rim:
+        mask = np.asarray(Image.fromarray(mask).filter(ImageFilter.MinFilter(_rim_width(h))))
     out = Image.fromarray(np.where(body, mask, 0).astype(np.uint8))
     return out.rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
 
