@@ -160,9 +160,16 @@ def _silhouette(t: Thing, s: int) -> Image.Image:
     return mask
 
 
-def _rim_width(h: float) -> int:
-    """A rim's width in pixels for a thing of half-height h: odd, about a tenth of its size."""
-    return max(3, 2 * round(0.07 * h) + 1)
+def _inside_rim(mask: Image.Image, h: float) -> Image.Image:
+    """The silhouette mask less a rim about a tenth of the thing's size (half-height h) wide."""
+    return mask.filter(ImageFilter.MinFilter(max(3, 2 * round(0.07 * h) + 1)))  # an odd width
+
+
+def _placed(img: Image.Image, t: Thing, s: int) -> Image.Image:
+    """An image in the thing's own frame, turned by its rotation about its centre, as render
+    places it."""
+    cx, cy, _ = _geometry(t, s)
+    return img.rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
 
 
 def _thing_layer(t: Thing, s: int, photo: bool) -> Image.Image:
@@ -171,7 +178,7 @@ def _thing_layer(t: Thing, s: int, photo: bool) -> Image.Image:
     mask = _silhouette(t, s)
     surface = _pattern(t, s, cx, cy, h)
     if t.rim:
-        inner = mask.filter(ImageFilter.MinFilter(_rim_width(h)))
+        inner = _inside_rim(mask, h)
         ring = Image.fromarray(np.asarray(mask) - np.asarray(inner))
         surface.paste(ACCENTS[t.rim], mask=ring)
     if t.category in ("toy", "bird"):  # eyes, so the head reads as a head
@@ -192,7 +199,7 @@ def _thing_layer(t: Thing, s: int, photo: bool) -> Image.Image:
         surface = Image.fromarray(rgb)
     layer = surface.convert("RGBA")
     layer.putalpha(mask)
-    return layer.rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
+    return _placed(layer, t, s)
 
 
 def _stylise(img: Image.Image, style: str, rng: np.random.Generator) -> Image.Image:
@@ -229,34 +236,25 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return _stylise(img, scene.style, rng)
 
 
-def _placed_silhouette(t: Thing, s: int) -> Image.Image:
-    """The thing's silhouette as render places it (rotated about its centre), L, 255 inside."""
-    cx, cy, _ = _geometry(t, s)
-    return _silhouette(t, s).rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
-
-
 def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
     """(size, size) float32 in [0, 1]: where the scene's things are (render's geometry)."""
     big = 2 * size
     total = np.zeros((big, big), np.float32)
     for t in (scene.thing, scene.other):
         if t is not None:
-            total = np.maximum(total, np.asarray(_placed_silhouette(t, big), np.float32) / 255)
+            placed = _placed(_silhouette(t, big), t, big)
+            total = np.maximum(total, np.asarray(placed, np.float32) / 255)
     img = Image.fromarray((total * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BOX)
     return np.asarray(img, np.float32) / 255
 
 
-def _placed_body(t: Thing, s: int) -> Image.Image:
-    """Where the thing shows its body colour (not its pattern's accent, rim or eyes), placed
-    as render places it; L, 255 there."""
+def _body(t: Thing, s: int, silhouette: Image.Image) -> Image.Image:
+    """Where the thing shows its body colour (not its pattern's accent, rim or eyes), in its
+    own frame like silhouette (_silhouette's); L, 255 there."""
     cx, cy, h = _geometry(t, s)
-    surface = np.asarray(_pattern(t, s, cx, cy, h))
-    body = np.all(surface == ACCENTS[t.colour], axis=-1)
-    mask = np.asarray(_silhouette(t, s))
-    if t.rim:
-        mask = np.asarray(Image.fromarray(mask).filter(ImageFilter.MinFilter(_rim_width(h))))
-    out = Image.fromarray(np.where(body, mask, 0).astype(np.uint8))
-    return out.rotate(t.rotation, Image.Resampling.BICUBIC, center=(cx, cy))
+    body = np.all(np.asarray(_pattern(t, s, cx, cy, h)) == ACCENTS[t.colour], axis=-1)
+    inside = np.asarray(_inside_rim(silhouette, h) if t.rim else silhouette)
+    return Image.fromarray(np.where(body, inside, 0).astype(np.uint8))
 
 
 def thing_labels(scene: Scene, size: int = 64, grid: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -273,9 +271,10 @@ def thing_labels(scene: Scene, size: int = 64, grid: int = 16) -> tuple[np.ndarr
     for t in (scene.thing, scene.other):
         if t is None:
             continue
-        m = _placed_silhouette(t, big).resize((grid, grid), Image.Resampling.BOX)
+        silhouette = _silhouette(t, big)
+        m = _placed(silhouette, t, big).resize((grid, grid), Image.Resampling.BOX)
         cover = np.asarray(m, np.float32) / 255
-        body = _placed_body(t, big).resize((grid, grid), Image.Resampling.BOX)
+        body = _placed(_body(t, big, silhouette), t, big).resize((grid, grid), Image.Resampling.BOX)
         body_on = np.asarray(body, np.float32) / 255 >= 0.4
         on = cover >= 0.5
         cat[on] = 1 + CATEGORIES.index(t.category)

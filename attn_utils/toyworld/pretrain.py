@@ -153,9 +153,13 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _mirror(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """x (B, ..., W) mirrored left-right where flip (B,) is true."""
+    return torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+
+
 def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return _mirror(x, torch.from_numpy(rng.random(len(x)) < 0.5))
 
 
 _SIZES = {"small", "big"}
@@ -275,7 +279,7 @@ def _train(
 def _augment(x: torch.Tensor, flip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """For the oracle: flips where flip (B,) is true, and blur or noise of the strength
     generated images show."""
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = _mirror(x, flip)
     blur = torch.from_numpy(rng.random(len(x)) < 0.5)[:, None, None, None]
     soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     x = torch.where(blur, soft, x)
@@ -443,7 +447,7 @@ class Pretrainer:
             noisy = sched.add_noise(lat, noise, t)
             pred = unet(noisy, t, text(ids)[0]).sample
             # The things' latents weigh THING_WEIGHT x (each sample's weights averaging 1): they
-            # are a tenth of the picture but all of its categories, colours and identities.
+            # are a fifth of the picture but all of its categories, colours and identities.
             cover = F.avg_pool2d(torch.from_numpy(masks[idx]).float()[:, None] / 255, 4)
             where = 1 + (THING_WEIGHT - 1) * cover
             where = where / where.mean(dim=(1, 2, 3), keepdim=True)
@@ -523,7 +527,7 @@ class Pretrainer:
             )
             for head in ORACLE_DENSE:  # per location, and the image-level presence it gives
                 target = torch.from_numpy(maps[head][idx]).long()
-                target = torch.where(flip[:, None, None], target.flip(-1), target)
+                target = _mirror(target, flip)
                 loss = loss + F.cross_entropy(out[head], target, ignore_index=IGNORE)
                 present = torch.from_numpy(d[head][idx]).float()
                 p = presence(out[head]).clamp(1e-6, 1 - 1e-6)
