@@ -208,8 +208,9 @@ def _method_args(given: list[str], methods: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) -> int:
-    from attn_utils.evaluate import study, study_plan
+def study_plan_of(ns: argparse.Namespace):
+    """The StudyPlan of parsed `evaluate.py study` arguments (checked)."""
+    from attn_utils.evaluate import study_plan
     from attn_utils.evaluate.metrics import PREPROCESSING
     from attn_utils.render.renderer import read_prompt_file
 
@@ -221,7 +222,7 @@ def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) 
     read_prompt_file(ns.prompts)
     writable_dir(ns.out, "--out")
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-    plan = study_plan.StudyPlan(
+    return study_plan.StudyPlan(
         concepts=study_plan.read_concepts(ns.concepts),
         prompt_file=str(Path(ns.prompts).resolve()),
         out=Path(ns.out).resolve(),
@@ -241,6 +242,12 @@ def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) 
             "preprocessing": PREPROCESSING,  # numbers of another preprocessing do not mix
         },
     )
+
+
+def run_study_cli(ns: argparse.Namespace, runner=None, env: dict | None = None) -> int:
+    from attn_utils.evaluate import study
+
+    plan = study_plan_of(ns)
     _, world, local_rank = study.dist_info(env)
     loader = _models_loader(ns, local_rank, world)
     out = study.run_study(

@@ -20,7 +20,7 @@ import evaluate
 import inference
 import train_attndreambooth
 from attn_utils.evaluate import plots
-from attn_utils.evaluate.study import child_env, dist_info, shard
+from attn_utils.evaluate.study import check_protocol, child_env, dist_info, shard
 from attn_utils.evaluate.study_plan import make_variants, method_train_args, read_concepts
 from attn_utils.evaluate.summary import summarize
 
@@ -130,12 +130,29 @@ def test_launched_processes_split_and_rank_0_aggregates(study, monkeypatch):
     argv, out, _ = study
     (out / "summary.json").unlink()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")  # concept 0 is rank 0's: rank 1 has nothing to do
+    monkeypatch.setenv("RANK", "1")  # the one unit (sloth, attndreambooth) is rank 0's
     assert evaluate.main(argv, runner=_never) == 0
     assert not (out / "summary.json").exists()  # only rank 0 writes the aggregate
     monkeypatch.setenv("RANK", "0")
     assert evaluate.main(argv, runner=_never) == 0
     assert (out / "summary.json").is_file()
+
+
+def test_processes_split_a_concepts_methods(study, monkeypatch):
+    """Units are (concept, method): with one concept and two methods, rank 1 trains, renders
+    and scores the second method, and nothing of the first."""
+    argv, out, _ = study
+    argv = [*_with_out(argv, out.parent / "split"), "--methods", "attndreambooth,ti"]
+    plan = evaluate.study_plan_of(evaluate.build_study_parser().parse_args(argv[1:]))
+    check_protocol(plan)  # as rank 0 does first (rank 1 waits for it)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    runner = InProcess()
+    assert evaluate.main(argv, runner=runner) == 0
+    assert runner.calls == ["train_attndreambooth.py", "inference.py"]
+    sloth = out.parent / "split" / "concepts" / "sloth"
+    assert (sloth / "ti" / "metrics.json").is_file() and (sloth / "train-ti.done.json").is_file()
+    assert not (sloth / "stage_1").exists() and not (sloth / "train.done.json").exists()
 
 
 def test_a_failed_process_stops_the_waiting_one(study, tmp_path):
@@ -336,7 +353,7 @@ def test_study_rows_for_the_baselines(tiny_model, concept, tmp_path):
             "--method_args", db]  # fmt: skip
     runner = InProcess()
     assert evaluate.main([str(a) for a in argv], runner=runner) == 0
-    assert runner.calls == ["train_attndreambooth.py"] * 3 + ["inference.py"] * 3
+    assert runner.calls == ["train_attndreambooth.py", "inference.py"] * 3  # method by method
     summary = json.loads((out / "summary.json").read_text())
     assert [r["variant"] for r in summary["rows"]] == ["ti", "dreambooth", "no_stage1"]
     assert (out / "concepts" / concept.name / "run-no_stage1" / "stage_3").is_dir()

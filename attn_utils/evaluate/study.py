@@ -2,9 +2,10 @@
 
 The folder's layout and the plan are in study_plan.py. A step whose record exists is never
 redone, so an interrupted study continues where it stopped. Under torchrun / accelerate
-launch, concept i goes to process i % world_size and rank 0 writes the aggregate once every
-concept's metrics exist; a waiting process stops when another fails, or after a wait without
-progress.
+launch, the study's units of work, (concept, method) pairs in order, go round-robin to the
+processes (unit i to process i % world_size: a method's training and its rows' rendering and
+scoring stay in one process), and rank 0 writes the aggregate once every row's metrics exist;
+a waiting process stops when another fails, or after a wait without progress.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ _DIST_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_")
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
-    """Indices of the concepts this process handles: i % world == rank."""
+    """Indices of the units this process handles: i % world == rank."""
     return [i for i in range(n) if i % world == rank]
 
 
@@ -121,12 +122,19 @@ def _overview(samples: Path, out: Path, thumb: int = 128) -> None:
     tmp.replace(out)
 
 
+def units(plan: StudyPlan) -> list[tuple[ConceptSpec, str]]:
+    """The study's units of work in order: (concept, method), each method of each concept."""
+    methods = list(dict.fromkeys(v.method for v in plan.variants))
+    return [(c, m) for c in plan.concepts for m in methods]
+
+
 class ConceptRunner:
-    """The three steps of one concept, each skipped when its record exists."""
+    """The three steps of one concept's methods, each skipped when its record exists."""
 
     def __init__(self, plan: StudyPlan, models: Callable[[], object], runner=run_script, env=None):
         self.plan, self.models, self.runner = plan, models, runner
         self.env = dict(os.environ) if env is None else env
+        self._real: dict[str, object] = {}  # concept name -> its photos' embeddings
 
     def _call(self, argv: list[str], what: str) -> None:
         rc = self.runner(argv, self.env)
@@ -136,17 +144,20 @@ class ConceptRunner:
                 "fix the cause and rerun the same command to continue"
             )
 
-    def run(self, c: ConceptSpec) -> None:
+    def run(self, c: ConceptSpec, methods: list[str] | None = None) -> None:
+        """Train each of `methods` (all the plan's when None) on c, then render and score
+        their rows."""
         from attn_utils.evaluate.scoring import embed_real, score_samples, write_metrics
 
         plan, cdir = self.plan, concept_dir(self.plan, c)
         cdir.mkdir(parents=True, exist_ok=True)
-        for m in dict.fromkeys(v.method for v in plan.variants):  # each method trains once
+        mine = list(dict.fromkeys(v.method for v in plan.variants))  # each method trains once
+        mine = [m for m in mine if methods is None or m in methods]
+        for m in mine:
             what = f"concept {c.name}: training" + ("" if m == "attndreambooth" else f" {m}")
             record = cdir / ("train.done.json" if m == "attndreambooth" else f"train-{m}.done.json")
             _step(record, what, lambda m=m, what=what: self._call(train_argv(plan, c, m), what))
-        real = None
-        for v in plan.variants:
+        for v in (v for v in plan.variants if v.method in mine):
             vdir = cdir / v.name
             what = f"concept {c.name}: rendering {v.name}"
             _step(
@@ -158,11 +169,12 @@ class ConceptRunner:
                 log.info("concept %s: evaluation of %s done before, skipped", c.name, v.name)
                 continue
             models = self.models()
-            real = real or embed_real(models, c.dir)  # the real photos are embedded once
+            if c.name not in self._real:  # the real photos are embedded once
+                self._real[c.name] = embed_real(models, c.dir)
             result = score_samples(
                 models,
                 vdir / "samples",
-                real,
+                self._real[c.name],
                 c.category,
                 plan.metric_settings.get("clip_t_text", "category"),
             )
@@ -195,7 +207,7 @@ def run_study(
     poll_s: float = 10.0,
     wait_timeout_s: float = DEFAULT_WAIT_S,
 ) -> Path | None:
-    """Run this process's share of the concepts; rank 0 then writes the aggregate.
+    """Run this process's share of the units (concept, method); rank 0 then writes the aggregate.
 
     A process that fails writes study.failed.json; the waiting ones then stop too, and any
     wait ends after `wait_timeout_s` seconds without progress."""
@@ -209,13 +221,14 @@ def run_study(
         else:  # rank 0 checks and writes it first
             what = f"rank 0 to write {shown(plan.out / 'study.json')}"
             wait_for(what, lambda: _protocol_written(plan), marker, wait_timeout_s, 0.5)
-        mine = [plan.concepts[i] for i in shard(len(plan.concepts), rank, world)]
+        work = units(plan)
+        mine = [work[i] for i in shard(len(work), rank, world)]
         worker = ConceptRunner(plan, models, runner, child_env(env, local_rank, world))
-        for c in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="concept"):
-            worker.run(c)
+        for c, m in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="method"):
+            worker.run(c, [m])
         if rank != 0:
             return None
-        if left := pending(plan):  # the other processes' concepts
+        if left := pending(plan):  # the other processes' rows
             log.info("waiting for %d evaluation(s) of other processes: %s", len(left), left[:3])
             what = "the other processes' evaluations: " + ", ".join(left[:3])
             steps = lambda: progress(plan)

@@ -49,6 +49,9 @@ def build_parser() -> Parser:
     st.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     st.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
     st.add_argument("--prompts", type=Path, default=PROMPTS, help="the study's prompt file")
+    st.add_argument("--processes", type=int, default=2, help="evaluate.py study processes, "
+                    "each with cores/processes torch threads; they split the (concept, method) "
+                    "units (use 1 on a machine with one GPU)")  # fmt: skip
     st.add_argument("--dry_run", action="store_true", help="print the evaluate.py command")
     b = sub.add_parser("baseline", help="render an inference.py folder's prompts with the base")
     b.add_argument("--base", type=Path, default=MODELS / "base", help="the base model folder")

@@ -8,11 +8,17 @@ fast stage 3) keeps its learning rates, batch sizes and the split of its images 
 stages, and its step counts are scaled to that budget. DreamBooth's prior preservation uses
 fewer class images. These are the study's only departures from the recipes, forced by 2 CPU
 cores, besides no rotations (below); `--dry_run` prints the resulting flags.
+
+The study runs as --processes copies of `evaluate.py study` (ranks, as torchrun would start
+them) that split its (concept, method) units, each with its share of the CPU's threads: the toy
+model's small tensors keep two threads of one process far from busy, so two one-thread
+processes finish the same work sooner (docs/toyworld.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -117,7 +123,24 @@ def main(args) -> int:
     if args.dry_run:
         print(shlex.join([sys.executable, *argv]))
         return 0
+    if args.processes < 1:
+        raise ValueError(f"--processes: must be >= 1, got {args.processes}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_concepts(out, names)
-    return subprocess.run([sys.executable, *argv], check=False).returncode
+    return run_ranks([sys.executable, *argv], args.processes)
+
+
+def run_ranks(cmd: list[str], n: int, env: dict | None = None) -> int:
+    """Run cmd as ranks 0..n-1 of one launch, each with cores/n torch threads; the first
+    non-zero exit status, or 0. (A failing rank makes the others stop: evaluate.py study.)"""
+    env = dict(os.environ) if env is None else env
+    if n == 1:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n)} for r in range(n)]
+    procs = [
+        subprocess.Popen(cmd, env={**env, **rank, "OMP_NUM_THREADS": threads}) for rank in ranks
+    ]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c != 0), 0)
