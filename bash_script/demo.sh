@@ -3,10 +3,10 @@
 # models/toyworld, docs/toyworld.md) and one of its concepts, then renders of places and styles
 # the concept's photos never show, beside the base model's renders of the same prompts.
 # Nothing is downloaded; about 2 minutes on 2 CPU cores.
-#   bash bash_script/demo.sh [OUT] [CONCEPT]      (defaults: demo_out checker_toy)
+#   bash bash_script/demo.sh [OUT] [CONCEPT]      (defaults: demo_out twotone_ball)
 set -euo pipefail
 OUT=${1:-demo_out}
-CONCEPT=${2:-checker_toy}
+CONCEPT=${2:-twotone_ball}
 PY=${PYTHON:-python}
 MODELS=models/toyworld
 cd "$(dirname "$0")/.."

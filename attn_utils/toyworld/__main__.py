@@ -46,7 +46,8 @@ def build_parser() -> Parser:
     st.add_argument("--images", type=int, default=1000, help="instance images each method "
                     "trains on, per concept (its steps are scaled to it)")  # fmt: skip
     st.add_argument("--images_per_prompt", type=int, default=2, help="renders per prompt")
-    st.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    st.add_argument("--seed", type=int, default=0, help="the trainings' seed; image i of every "
+                    "prompt uses seed + i")  # fmt: skip
     st.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
     st.add_argument("--prompts", type=Path, default=PROMPTS, help="the study's prompt file")
     st.add_argument("--processes", type=int, default=2, help="evaluate.py study processes, "

@@ -397,15 +397,17 @@ class Pretrainer:
         os.replace(tmp, self.work / "latents.npz")
 
     def phase_unet(self) -> None:
-        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=SHORT_P)
+        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=SHORT_P, save_as="")
 
     def phase_short(self) -> None:
         """The U-Net and text encoder go on from "unet" with shortened captions: a prompt may
         leave out sizes, colours, patterns and the second thing ("a photo of a toy at night")
         and still be in the model's distribution."""
-        self._diffusion("short", self.budget.short_steps, 1e-4, short=1.0)
+        self._diffusion("short", self.budget.short_steps, 1e-4, short=1.0, save_as="_short")
 
-    def _diffusion(self, name: str, steps: int, lr: float, short: float) -> None:
+    def _diffusion(self, name: str, steps: int, lr: float, short: float, save_as: str) -> None:
+        """Train the U-Net and text encoder for steps (a new pair, or the "unet" phase's when
+        save_as names another pair) and save them as work/unet<save_as>, text_encoder<save_as>."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -420,7 +422,7 @@ class Pretrainer:
         sched = DDPMScheduler(**SD_SCHEDULER)
         alphas = sched.alphas_cumprod
         snr = alphas / (1 - alphas)
-        if name == "short":  # from the first phase's (EMA) weights
+        if save_as:  # from the first phase's (EMA) weights
             unet = UNet2DConditionModel.from_pretrained(str(self.work / "unet"))
             text = CLIPTextModel.from_pretrained(str(self.work / "text_encoder"))
         else:
@@ -460,9 +462,8 @@ class Pretrainer:
         with torch.no_grad():  # export the EMA weights
             for k, p in params.items():
                 p.copy_(ema[k])
-        suffix = "_short" if name == "short" else ""
-        unet.save_pretrained(str(self.work / f"unet{suffix}"), safe_serialization=True)
-        text.save_pretrained(str(self.work / f"text_encoder{suffix}"), safe_serialization=True)
+        unet.save_pretrained(str(self.work / f"unet{save_as}"), safe_serialization=True)
+        text.save_pretrained(str(self.work / f"text_encoder{save_as}"), safe_serialization=True)
 
     def phase_clip(self) -> None:
         self._clip("clip", self.budget.clip_steps, short=False)

@@ -78,7 +78,9 @@ def study_argv(args) -> list[str]:
     # The toy world's one departure for every method: no rotation (TI and DreamBooth never
     # rotate; AttnDreamBooth's 45-degree turns with black corners, meant for real photos,
     # put a 64 px concept out of what the toy base model knows: docs/toyworld.md).
-    train = ["--resolution", "64", *NO_ROTATION] + [
+    # --seed seeds the trainings too (their batches, noise, augmentation; DreamBooth's class
+    # images), so two seeds are two independent repetitions of the whole study.
+    train = ["--resolution", "64", *NO_ROTATION, "--seed", str(args.seed)] + [
         x for p in STAGE_NAMES.values() for x in (f"--{p}_validation_steps", "0")
     ]
     infer = ["--num_inference_steps", "25", "--resolution", "64", "--infer_batch_size", "10"]
