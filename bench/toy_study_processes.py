@@ -46,8 +46,8 @@ def run(jobs: list[list[str]], threads: int, together: bool, logs: Path) -> floa
     logs.mkdir(parents=True, exist_ok=True)
 
     def start(i: int, argv: list[str]) -> subprocess.Popen:
-        log = open(logs / f"{i}.log", "w")  # noqa: SIM115 (closed with the process's end)
-        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(logs / f"{i}.log", "w") as log:  # the child keeps its own copy open
+            return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     t0 = time.perf_counter()
     if together:

@@ -123,13 +123,14 @@ def _overview(samples: Path, out: Path, thumb: int = 128) -> None:
 
 
 def units(plan: StudyPlan) -> list[tuple[ConceptSpec, str]]:
-    """The study's units of work in order: (concept, method), each method of each concept."""
+    """The study's units of work in order: (concept, method), each method of each concept
+    (a method trains once, however many rows it renders)."""
     methods = list(dict.fromkeys(v.method for v in plan.variants))
     return [(c, m) for c in plan.concepts for m in methods]
 
 
 class ConceptRunner:
-    """The three steps of one concept's methods, each skipped when its record exists."""
+    """The three steps of a unit (concept, method), each skipped when its record exists."""
 
     def __init__(self, plan: StudyPlan, models: Callable[[], object], runner=run_script, env=None):
         self.plan, self.models, self.runner = plan, models, runner
@@ -144,20 +145,16 @@ class ConceptRunner:
                 "fix the cause and rerun the same command to continue"
             )
 
-    def run(self, c: ConceptSpec, methods: list[str] | None = None) -> None:
-        """Train each of `methods` (all the plan's when None) on c, then render and score
-        their rows."""
+    def run(self, c: ConceptSpec, m: str) -> None:
+        """One unit: train method m on concept c, then render and score m's rows."""
         from attn_utils.evaluate.scoring import embed_real, score_samples, write_metrics
 
         plan, cdir = self.plan, concept_dir(self.plan, c)
         cdir.mkdir(parents=True, exist_ok=True)
-        mine = list(dict.fromkeys(v.method for v in plan.variants))  # each method trains once
-        mine = [m for m in mine if methods is None or m in methods]
-        for m in mine:
-            what = f"concept {c.name}: training" + ("" if m == "attndreambooth" else f" {m}")
-            record = cdir / ("train.done.json" if m == "attndreambooth" else f"train-{m}.done.json")
-            _step(record, what, lambda m=m, what=what: self._call(train_argv(plan, c, m), what))
-        for v in (v for v in plan.variants if v.method in mine):
+        training = f"concept {c.name}: training" + ("" if m == "attndreambooth" else f" {m}")
+        record = cdir / ("train.done.json" if m == "attndreambooth" else f"train-{m}.done.json")
+        _step(record, training, lambda: self._call(train_argv(plan, c, m), training))
+        for v in (v for v in plan.variants if v.method == m):
             vdir = cdir / v.name
             what = f"concept {c.name}: rendering {v.name}"
             _step(
@@ -225,7 +222,7 @@ def run_study(
         mine = [work[i] for i in shard(len(work), rank, world)]
         worker = ConceptRunner(plan, models, runner, child_env(env, local_rank, world))
         for c, m in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="method"):
-            worker.run(c, [m])
+            worker.run(c, m)
         if rank != 0:
             return None
         if left := pending(plan):  # the other processes' rows

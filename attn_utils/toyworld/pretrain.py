@@ -397,17 +397,28 @@ class Pretrainer:
         os.replace(tmp, self.work / "latents.npz")
 
     def phase_unet(self) -> None:
-        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=SHORT_P, save_as="")
+        self._diffusion("unet", self.budget.unet_steps, 3e-4, short=SHORT_P)
 
     def phase_short(self) -> None:
         """The U-Net and text encoder go on from "unet" with shortened captions: a prompt may
         leave out sizes, colours, patterns and the second thing ("a photo of a toy at night")
         and still be in the model's distribution."""
-        self._diffusion("short", self.budget.short_steps, 1e-4, short=1.0, save_as="_short")
+        self._diffusion(
+            "short", self.budget.short_steps, 1e-4, short=1.0, start_from="", save_as="_short"
+        )
 
-    def _diffusion(self, name: str, steps: int, lr: float, short: float, save_as: str) -> None:
-        """Train the U-Net and text encoder for steps (a new pair, or the "unet" phase's when
-        save_as names another pair) and save them as work/unet<save_as>, text_encoder<save_as>."""
+    def _diffusion(
+        self,
+        name: str,
+        steps: int,
+        lr: float,
+        short: float,
+        start_from: str | None = None,
+        save_as: str = "",
+    ) -> None:
+        """Train a U-Net and text encoder for steps and save them as work/unet<save_as> and
+        work/text_encoder<save_as>. start_from: the suffix of the saved pair to go on from;
+        None builds a new pair."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -422,9 +433,9 @@ class Pretrainer:
         sched = DDPMScheduler(**SD_SCHEDULER)
         alphas = sched.alphas_cumprod
         snr = alphas / (1 - alphas)
-        if save_as:  # from the first phase's (EMA) weights
-            unet = UNet2DConditionModel.from_pretrained(str(self.work / "unet"))
-            text = CLIPTextModel.from_pretrained(str(self.work / "text_encoder"))
+        if start_from is not None:  # from a finished phase's (EMA) weights
+            unet = UNet2DConditionModel.from_pretrained(str(self.work / f"unet{start_from}"))
+            text = CLIPTextModel.from_pretrained(str(self.work / f"text_encoder{start_from}"))
         else:
             unet, text = make_unet(), make_text_encoder(self.tokenizer)
         params = {f"unet.{k}": p for k, p in unet.named_parameters()}
