@@ -25,18 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attn_utils.toyworld.concepts import CONCEPTS, write_concept  # noqa: E402
-from attn_utils.toyworld.study import MODELS, NO_ROTATION, method_flags  # noqa: E402
+from attn_utils.toyworld.study import MODELS, method_flags, train_flags  # noqa: E402
 
 
 def job_argv(photos: Path, category: str, out: Path) -> list[str]:
-    """train_attndreambooth.py as the toy study trains AttnDreamBooth (--images 1000)."""
+    """train_attndreambooth.py as the toy study trains AttnDreamBooth (--images 1000, seed 0)."""
     return [
         sys.executable, str(ROOT / "train_attndreambooth.py"),
         "--pretrained_model_name_or_path", str(MODELS / "base"),
         "--instance_data_dir", str(photos), "--category", category,
-        "--output_dir", str(out), "--resolution", "64", *NO_ROTATION,
-        "--ti_validation_steps", "0", "--attn_validation_steps", "0",
-        "--unet_validation_steps", "0", *method_flags("attndreambooth", 1000),
+        "--output_dir", str(out), *train_flags(seed=0),
+        *method_flags("attndreambooth", 1000),
     ]  # fmt: skip
 
 

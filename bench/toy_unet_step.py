@@ -19,7 +19,6 @@ import contextlib
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attn_utils.toyworld.nets import SIZE, make_text_encoder, make_unet  # noqa: E402
 from attn_utils.toyworld.world import build_tokenizer  # noqa: E402
+from bench.interleaved import time_interleaved  # noqa: E402
 
 CAPTION = "a photo of a big red toy next to a small blue ball on the beach"
 
@@ -55,12 +55,7 @@ def main() -> None:
     def forward(x, t, ids):
         return unet(x, t, text(ids)[0]).sample
 
-    ways = {"float32": (forward, False), "bfloat16": (forward, True)}
-    if not args.no_compile:
-        ways["compiled"] = (torch.compile(forward), False)
-
-    def step(way: str) -> None:
-        fn, bf16 = ways[way]
+    def step(fn, bf16: bool) -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
             pred = fn(x, t, ids)
@@ -69,32 +64,21 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    first = {}
-    for way in ways:  # warm-up; the compiled way compiles here
-        t0 = time.perf_counter()
-        step(way)
-        first[way] = time.perf_counter() - t0
-        step(way)
-    seconds = dict.fromkeys(ways, 0.0)
-    block = 5
-    blocks = max(1, args.steps // block)
-    for _ in range(blocks):
-        for way in ways:
-            t0 = time.perf_counter()
-            for _ in range(block):
-                step(way)
-            seconds[way] += time.perf_counter() - t0
-    n = blocks * block
+    ways = {"float32": lambda: step(forward, False), "bfloat16": lambda: step(forward, True)}
+    if not args.no_compile:
+        compiled = torch.compile(forward)
+        ways["compiled"] = lambda: step(compiled, False)
+    per_step, first, n = time_interleaved(ways, args.steps)  # compiles in its first call
     result = {
         "image_size": SIZE,
         "latent": [unet.config.in_channels, side, side],
         "batch": args.batch,
         "threads": args.threads,
         "steps_each": n,
-        **{f"{w}_s_per_step": round(s / n, 4) for w, s in seconds.items()},
+        **{f"{w}_s_per_step": round(s, 4) for w, s in per_step.items()},
         **{
-            f"speedup_{w}": round(seconds["float32"] / s, 3)
-            for w, s in seconds.items()
+            f"speedup_{w}": round(per_step["float32"] / s, 3)
+            for w, s in per_step.items()
             if w != "float32"
         },
     }

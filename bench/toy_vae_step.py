@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attn_utils.toyworld.nets import SIZE, make_vae  # noqa: E402
+from bench.interleaved import time_interleaved  # noqa: E402
 
 
 def step(vae, opt, x: torch.Tensor, bf16: bool) -> None:
@@ -47,25 +47,17 @@ def main() -> None:
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     x = torch.rand(args.batch, 3, SIZE, SIZE) * 2 - 1
-    seconds = {False: 0.0, True: 0.0}
-    for bf16 in (False, True):  # warm-up
-        for _ in range(2):
-            step(vae, opt, x, bf16)
-    block = 5
-    for _ in range(max(1, args.steps // block)):
-        for bf16 in (False, True):
-            t0 = time.perf_counter()
-            for _ in range(block):
-                step(vae, opt, x, bf16)
-            seconds[bf16] += time.perf_counter() - t0
-    n = max(1, args.steps // block) * block
+    per_step, _, n = time_interleaved(
+        {"float32": lambda: step(vae, opt, x, False), "bfloat16": lambda: step(vae, opt, x, True)},
+        args.steps,
+    )
     result = {
         "batch": args.batch,
         "threads": args.threads,
         "steps_each": n,
-        "float32_s_per_step": round(seconds[False] / n, 4),
-        "bfloat16_s_per_step": round(seconds[True] / n, 4),
-        "speedup_bf16": round(seconds[False] / seconds[True], 3),
+        "float32_s_per_step": round(per_step["float32"], 4),
+        "bfloat16_s_per_step": round(per_step["bfloat16"], 4),
+        "speedup_bf16": round(per_step["float32"] / per_step["bfloat16"], 3),
     }
     print(json.dumps(result, indent=2))
 

@@ -68,6 +68,18 @@ def method_flags(method: str, images: int) -> list[str]:
     return flags
 
 
+def train_flags(seed: int) -> list[str]:
+    """train_attndreambooth.py flags the miniature gives every method."""
+    # The toy world's one departure for every method: no rotation (TI and DreamBooth never
+    # rotate; AttnDreamBooth's 45-degree turns with black corners, meant for real photos,
+    # put a 64 px concept out of what the toy base model knows: docs/toyworld.md).
+    # --seed seeds the trainings too (their batches, noise, augmentation; DreamBooth's class
+    # images), so two seeds are two independent repetitions of the whole study.
+    return ["--resolution", "64", *NO_ROTATION, "--seed", str(seed)] + [
+        x for p in STAGE_NAMES.values() for x in (f"--{p}_validation_steps", "0")
+    ]
+
+
 def study_argv(args) -> list[str]:
     """The evaluate.py study command line."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -75,14 +87,7 @@ def study_argv(args) -> list[str]:
         if m not in METHODS:
             raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     concepts = Path(args.out) / "concepts.json"
-    # The toy world's one departure for every method: no rotation (TI and DreamBooth never
-    # rotate; AttnDreamBooth's 45-degree turns with black corners, meant for real photos,
-    # put a 64 px concept out of what the toy base model knows: docs/toyworld.md).
-    # --seed seeds the trainings too (their batches, noise, augmentation; DreamBooth's class
-    # images), so two seeds are two independent repetitions of the whole study.
-    train = ["--resolution", "64", *NO_ROTATION, "--seed", str(args.seed)] + [
-        x for p in STAGE_NAMES.values() for x in (f"--{p}_validation_steps", "0")
-    ]
+    train = train_flags(args.seed)
     infer = ["--num_inference_steps", "25", "--resolution", "64", "--infer_batch_size", "10"]
     argv = [
         str(ROOT / "evaluate.py"), "study",
