@@ -83,7 +83,7 @@ def test_an_interrupted_pretraining_resumes_exactly_from_its_last_checkpoint(tmp
     cut.phase_data()
     cut.phase_masks()
     torch.manual_seed(0)
-    real_train = pretrain._train
+    real_train = pretrain.train_phase
 
     def train_until_5(name, work, steps, modules, opt, loss_fn, *a, **k):
         def stopping(step):
@@ -93,12 +93,12 @@ def test_an_interrupted_pretraining_resumes_exactly_from_its_last_checkpoint(tmp
 
         return real_train(name, work, steps, modules, opt, stopping, *a, **k)
 
-    pretrain._train = train_until_5
+    pretrain.train_phase = train_until_5
     try:
         with pytest.raises(_Stop):
             cut.phase_vae()
     finally:
-        pretrain._train = real_train
+        pretrain.train_phase = real_train
     assert (cut.work / "vae.ckpt").is_file()  # steps 0-3 are saved (every 2), step 4 is lost
     torch.manual_seed(1)  # the initialisation is overwritten by the checkpoint
     cut.phase_vae()  # resumes at step 4

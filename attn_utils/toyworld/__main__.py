@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
         return
     if args.command == "verify":
-        from attn_utils.toyworld.pretrain import verify
+        from attn_utils.toyworld.export import verify
 
         verify(out)
         return

@@ -1,14 +1,16 @@
-"""The pretraining's export: diffusers / transformers folders under --out and manifest.json."""
+"""The pretraining's export: diffusers / transformers folders under --out and manifest.json,
+and `verify`, which checks shipped folders against it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from attn_utils.models import SHIPPED_KIND, SHIPPED_MANIFEST, file_sha256
+from attn_utils.models import SHIPPED_KIND, SHIPPED_MANIFEST, file_sha256, verify_shipped
 from attn_utils.runfiles import write_dir_atomically
 from attn_utils.tiny import SD_SCHEDULER
 
@@ -130,3 +132,17 @@ def export(p) -> None:
         (tmp / SHIPPED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     write_dir_atomically(p.out, write)
+
+
+def verify(out: Path) -> None:
+    """Check every part under out against out/manifest.json; exit 1 with one line if not."""
+    from attn_utils.config import ConfigError
+
+    if not (out / SHIPPED_MANIFEST).is_file():
+        sys.exit(f"error: {out / SHIPPED_MANIFEST} does not exist")
+    try:
+        verify_shipped(out, "--out")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    n = len(json.loads((out / SHIPPED_MANIFEST).read_text())["files"])
+    print(f"{out}: all {n} files match {SHIPPED_MANIFEST}")

@@ -14,15 +14,11 @@ of every file, the command, seed and commit); `verify` checks shipped files agai
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +29,15 @@ from tqdm.auto import tqdm
 from attn_utils.evaluate.oracle import Oracle, OracleNet, presence
 from attn_utils.runfiles import write_json_atomically
 from attn_utils.tiny import SD_SCHEDULER
+from attn_utils.toyworld.data import (
+    caption_text,
+    load_data,
+    mirror,
+    random_flip,
+    render_data,
+    to_unit,
+)
+from attn_utils.toyworld.loop import step_rng, torch_gen, train_phase
 from attn_utils.toyworld.nets import (
     ORACLE_DENSE,
     ORACLE_HEADS,
@@ -42,19 +47,9 @@ from attn_utils.toyworld.nets import (
     make_unet,
     make_vae,
 )
-from attn_utils.toyworld.world import (
-    CATEGORIES,
-    COLOURS,
-    PLACES,
-    STYLES,
-    Scene,
-    build_tokenizer,
-    caption,
-    scenes,
-)
+from attn_utils.toyworld.world import Scene, build_tokenizer, scenes
 
-MANIFEST = "manifest.json"
-SHORT_P = 0.3  # the first diffusion phase shortens this share of its captions (see shorten)
+SHORT_P = 0.3  # the first diffusion phase shortens this share of its captions (see data.shorten)
 THING_WEIGHT = 2.0  # the diffusion loss on the things' latents, against the background's
 PARTS = ("base", "clip", "dino", "oracle")  # the folders under --out
 
@@ -94,197 +89,18 @@ QUICK = Budget(  # a smoke run of every phase (tests, --quick): minutes, learns 
 )
 
 
-def _rng(seed: int, phase: str, step: int) -> np.random.Generator:
-    """The generator of one step: the same (seed, phase, step) gives the same draws."""
-    digest = hashlib.sha256(f"{seed}/{phase}/{step}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _torch_gen(rng: np.random.Generator) -> torch.Generator:
-    return torch.Generator().manual_seed(int(rng.integers(2**62)))
-
-
-# ---------------------------------------------------------------- data
-
-
-def labels(scene: Scene) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(place index, style index, categories present, body colours present) of a scene."""
-    cats, cols = np.zeros(len(CATEGORIES), np.uint8), np.zeros(len(COLOURS), np.uint8)
-    for t in (scene.thing, scene.other):
-        if t is not None:
-            cats[CATEGORIES.index(t.category)] = 1
-            cols[list(COLOURS).index(t.colour)] = 1
-    return list(PLACES).index(scene.place), STYLES.index(scene.style), cats, cols
-
-
-def _render_chunk(chunk: list[Scene]) -> np.ndarray:
-    from attn_utils.toyworld.draw import render
-
-    return np.stack([np.asarray(render(s, SIZE)) for s in chunk])
-
-
-def render_data(path: Path, seed: int, n: int, workers: int = 2) -> None:
-    """Render n training scenes (no held-out combination) to path (an .npz, no pickle)."""
-    world = scenes(seed, n, training=True)
-    chunks = [world[i : i + 500] for i in range(0, n, 500)]
-    with get_context("fork").Pool(workers) as pool:
-        parts = list(tqdm(pool.imap(_render_chunk, chunks), total=len(chunks), desc="render"))
-    lab = [labels(s) for s in world]
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        images=np.concatenate(parts),
-        captions=np.array([caption(s) for s in world]),
-        place=np.array([x[0] for x in lab], np.int64),
-        style=np.array([x[1] for x in lab], np.int64),
-        category=np.stack([x[2] for x in lab]),
-        colour=np.stack([x[3] for x in lab]),
-    )
-    os.replace(tmp, path)
-
-
-def load_data(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _mirror(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """x (B, ..., W) mirrored left-right where flip (B,) is true."""
-    return torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
-
-
-def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    return _mirror(x, torch.from_numpy(rng.random(len(x)) < 0.5))
-
-
-_SIZES = {"small", "big"}
-_COLOURS = set(COLOURS)
-_PATTERN_WORDS = {"striped", "dotted"}
-_SECOND = re.compile(r" next to a [a-z ]*?\b(" + "|".join(CATEGORIES) + r")\b")
-
-
-def shorten(text: str, rng: np.random.Generator) -> str:
-    """A caption with words left out as people prompt: each size, colour and pattern word
-    with p 0.5, the second thing ("next to a ...") with p 0.3; style, category, place stay."""
-    if rng.random() < 0.3:
-        text = _SECOND.sub("", text, count=1)
-    drop = _SIZES | _COLOURS | _PATTERN_WORDS
-    return " ".join(w for w in text.split() if not (w in drop and rng.random() < 0.5))
-
-
-def _text(caption_: str, rng: np.random.Generator, short: float) -> str:
-    """The caption, shortened with probability short (a draw only when 0 < short < 1)."""
-    if short >= 1 or (short > 0 and rng.random() < short):
-        return shorten(caption_, rng)
-    return caption_
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _save_ckpt(path: Path, step: int, modules: dict, opt: torch.optim.Optimizer, extra=None):
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, module in modules.items():
-        for k, v in module.state_dict().items():
-            tensors[f"{name}.{k}"] = v.detach().contiguous()
-    for i, state in opt.state_dict()["state"].items():
-        for k, v in state.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
-    for k, v in (extra or {}).items():
-        tensors[k] = v.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
-
-
-def _load_ckpt(path: Path, modules: dict, opt: torch.optim.Optimizer) -> tuple[int, dict]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
-    tensors = load_file(str(path))
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, key = k.split(".", 2)
-            state.setdefault(int(i), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    rest = {k: v for k, v in tensors.items() if k.startswith("ema.")}
-    return step, rest
-
-
-def _train(
-    name: str,
-    work: Path,
-    steps: int,
-    modules: dict,
-    opt: torch.optim.Optimizer,
-    loss_fn,
-    every: int,
-    ema: dict[str, torch.Tensor] | None = None,
-    ema_params: dict[str, torch.nn.Parameter] | None = None,
-    lr: float | None = None,
-) -> None:
-    """Run loss_fn(step) for steps optimiser steps with checkpoints at work/<name>.ckpt."""
-    ckpt = work / f"{name}.ckpt"
-    start = 0
-    if ckpt.is_file():
-        start, rest = _load_ckpt(ckpt, modules, opt)
-        if ema is not None:
-            for k in ema:
-                ema[k].copy_(rest[f"ema.{k}"])
-        print(f"{name}: resumed at step {start} of {steps}", flush=True)
-    for m in modules.values():
-        m.train()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
-    for step in bar:
-        if lr is not None:  # linear warm-up over 100 steps, then cosine to a tenth
-            warm = min(1.0, (step + 1) / 100)
-            cos = 0.55 + 0.45 * math.cos(math.pi * step / steps)
-            for g in opt.param_groups:
-                g["lr"] = lr * warm * cos
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            decay = min(0.995, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, p in ema_params.items():
-                    ema[k].lerp_(p.detach(), 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % every == 0 or step + 1 == steps:
-            extra = {f"ema.{k}": v for k, v in (ema or {}).items()}
-            _save_ckpt(ckpt, step + 1, modules, opt, extra)
-
-
 # ---------------------------------------------------------------- phases
 
 
 def _augment(x: torch.Tensor, flip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """For the oracle: flips where flip (B,) is true, and blur or noise of the strength
     generated images show."""
-    x = _mirror(x, flip)
+    x = mirror(x, flip)
     blur = torch.from_numpy(rng.random(len(x)) < 0.5)[:, None, None, None]
     soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     x = torch.where(blur, soft, x)
     noise = torch.from_numpy(rng.uniform(0, 0.1, (len(x), 1, 1, 1)).astype(np.float32))
-    return x + noise * torch.randn(x.shape, generator=_torch_gen(rng))
+    return x + noise * torch.randn(x.shape, generator=torch_gen(rng))
 
 
 def _oracle_labels(world: list[Scene]) -> dict[str, np.ndarray]:
@@ -313,7 +129,7 @@ class Pretrainer:
         return self._data
 
     def _batch(self, phase: str, step: int, size: int) -> tuple[np.ndarray, np.random.Generator]:
-        rng = _rng(self.seed, phase, step)
+        rng = step_rng(self.seed, phase, step)
         return rng.integers(0, len(self.data["images"]), size), rng
 
     def run(self) -> None:
@@ -357,13 +173,13 @@ class Pretrainer:
         def loss_fn(step):
             idx, rng = self._batch("vae", step, b.vae_batch)
             m = torch.from_numpy(masks[idx]).float()[:, None] / 255
-            xm = _flip(torch.cat([to_unit(self.data["images"][idx]), m], 1), rng)
+            xm = random_flip(torch.cat([to_unit(self.data["images"][idx]), m], 1), rng)
             x, m = xm[:, :3], xm[:, 3:]
             # bfloat16 autocast: the step is about 1.6x faster on a CPU with AVX512-BF16
             # (bench/toy_vae_step.py, docs/toyworld.md); the losses are taken in float32.
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 post = vae.encode(x).latent_dist
-                eps = torch.randn(post.mean.shape, generator=_torch_gen(rng))
+                eps = torch.randn(post.mean.shape, generator=torch_gen(rng))
                 rec = vae.decode(post.mean + post.std * eps).sample
             err = rec.float() - x
             # The things are a fifth of the pixels but all of a concept's identity: their
@@ -372,7 +188,7 @@ class Pretrainer:
             w = w / w.mean()
             return (w * err.abs()).mean() + (w * err.pow(2)).mean() + 1e-6 * post.kl().mean()
 
-        _train("vae", self.work, b.vae_steps, {"vae": vae}, opt, loss_fn, self.every, lr=1e-3)
+        train_phase("vae", self.work, b.vae_steps, {"vae": vae}, opt, loss_fn, self.every, lr=1e-3)
         vae.save_pretrained(str(self.work / "vae"), safe_serialization=True)
 
     def _vae(self):
@@ -446,11 +262,12 @@ class Pretrainer:
 
         def loss_fn(step):
             idx, rng = self._batch(name, step, b.unet_batch)
-            g = _torch_gen(rng)
+            g = torch_gen(rng)
             lat = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)
             lat = lat * scale
             texts = [
-                "" if rng.random() < 0.1 else _text(str(captions[i]), rng, short) for i in idx
+                "" if rng.random() < 0.1 else caption_text(str(captions[i]), rng, short)
+                for i in idx
             ]  # 10 % unconditional, for classifier-free guidance
             ids = self.tokenizer(
                 texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
@@ -469,7 +286,7 @@ class Pretrainer:
             return (w * ((pred - noise).pow(2) * where).mean(dim=(1, 2, 3))).mean()
 
         modules = {"unet": unet, "text": text}
-        _train(name, self.work, steps, modules, opt, loss_fn, self.every, ema, params, lr)
+        train_phase(name, self.work, steps, modules, opt, loss_fn, self.every, ema, params, lr)
         with torch.no_grad():  # export the EMA weights
             for k, p in params.items():
                 p.copy_(ema[k])
@@ -498,8 +315,8 @@ class Pretrainer:
 
         def loss_fn(step):
             idx, rng = self._batch(name, step, b.clip_batch)
-            x = (_flip(to_unit(self.data["images"][idx]), rng) + 1) / 2
-            texts = [_text(str(captions[i]), rng, short) for i in idx]
+            x = (random_flip(to_unit(self.data["images"][idx]), rng) + 1) / 2
+            texts = [caption_text(str(captions[i]), rng, short) for i in idx]
             tok = self.tokenizer(texts, padding=True, return_tensors="pt")
             out = clip(
                 input_ids=tok.input_ids,
@@ -518,7 +335,7 @@ class Pretrainer:
                 / 2
             )
 
-        _train(name, self.work, steps, {"clip": clip}, opt, loss_fn, self.every, lr=5e-4)
+        train_phase(name, self.work, steps, {"clip": clip}, opt, loss_fn, self.every, lr=5e-4)
         clip.save_pretrained(str(self.work / name), safe_serialization=True)
 
     def phase_oracle(self) -> None:
@@ -539,14 +356,14 @@ class Pretrainer:
             )
             for head in ORACLE_DENSE:  # per location, and the image-level presence it gives
                 target = torch.from_numpy(maps[head][idx]).long()
-                target = _mirror(target, flip)
+                target = mirror(target, flip)
                 loss = loss + F.cross_entropy(out[head], target, ignore_index=IGNORE)
                 present = torch.from_numpy(d[head][idx]).float()
                 p = presence(out[head]).clamp(1e-6, 1 - 1e-6)
                 loss = loss + F.binary_cross_entropy(p, present)
             return loss
 
-        _train(
+        train_phase(
             "oracle", self.work, b.oracle_steps, {"oracle": net}, opt, loss_fn, self.every, lr=2e-3
         )
         config = {"heads": ORACLE_HEADS, "dense": list(ORACLE_DENSE), "image_size": SIZE}
@@ -573,18 +390,3 @@ def main(args) -> None:
     Pretrainer(
         Path(args.work), Path(args.out), args.seed, budget, args.checkpoint_every, argv
     ).run()
-
-
-def verify(out: Path) -> None:
-    """Check every part under out against out/manifest.json; exit 1 with one line if not."""
-    from attn_utils.config import ConfigError
-    from attn_utils.models import SHIPPED_MANIFEST, verify_shipped
-
-    if not (out / SHIPPED_MANIFEST).is_file():
-        sys.exit(f"error: {out / SHIPPED_MANIFEST} does not exist")
-    try:
-        verify_shipped(out, "--out")
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    n = len(json.loads((out / SHIPPED_MANIFEST).read_text())["files"])
-    print(f"{out}: all {n} files match {SHIPPED_MANIFEST}")
