@@ -14,9 +14,10 @@ import argparse
 import logging
 import secrets
 import sys
+from pathlib import Path
 
 from attn_utils.argparsing import Parser
-from attn_utils.config import ConfigError
+from attn_utils.config import ConfigError, first_line, load_run_config
 from attn_utils.render.pipeline import DTYPES, pick_device
 from attn_utils.runfiles import writable_dir
 
@@ -119,8 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_run_dir(run_dir: str) -> None:
+    """--run_dir is a training output folder (run_config.json readable), or a ConfigError."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise ConfigError(f"--run_dir: {path} {what}")
+    if not (path / "run_config.json").is_file():
+        raise ConfigError(f"--run_dir: {path} is not a training output folder (no run_config.json)")
+    try:
+        load_run_config(path)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever is wrong, the folder is unusable
+        raise ConfigError(
+            f"--run_dir: {path / 'run_config.json'} is unreadable ({first_line(e, 200)})"
+        ) from None
+
+
 def check_args(ns: argparse.Namespace) -> None:
-    """Every check that needs no file or model: one ConfigError naming the flag."""
+    """Every check that needs no model, --run_dir's first: one ConfigError naming the flag."""
+    if ns.run_dir is not None:  # a mistyped folder is the likeliest mistake: said first
+        check_run_dir(ns.run_dir)
     for flag in ("num_images_per_prompt", "infer_batch_size", "num_inference_steps"):
         if getattr(ns, flag) < 1:
             raise ConfigError(f"--{flag}: must be >= 1")
@@ -146,6 +167,9 @@ def check_args(ns: argparse.Namespace) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     check_args(ns)
+    import torch
+
+    from attn_utils.method.vae import vae_weight_dtype
     from attn_utils.models import library_versions
     from attn_utils.render.export import (
         build_pipeline,
@@ -183,8 +207,9 @@ def run(ns: argparse.Namespace) -> int:
     if not jobs:
         return 0
     pipe = build_pipeline(concept, scheduler).to(device)
-    if dtype != concept.unet.dtype:
-        pipe.to(dtype=dtype)
+    for part in pipe.components.values():  # the VAE stays fp32 where fp16 overflows it
+        if isinstance(part, torch.nn.Module):
+            part.to(dtype=vae_weight_dtype(part, dtype) if part is pipe.vae else dtype)
     seed = ns.seed
     if seed is None:
         seed = secrets.randbelow(2**31)

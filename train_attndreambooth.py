@@ -19,6 +19,7 @@ from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError, RunConfig
 from attn_utils.run_flags import add_run_flags, add_stage_flags
 from attn_utils.runfiles import writable_dir
+from attn_utils.train.family_defaults import refuse_a_guessed_family
 from attn_utils.train.lora import add_lora_flags
 from attn_utils.train.methods import add_method_flags, config_from_args
 from attn_utils.train.speed_flags import add_speed_flags
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from attn_utils.quiet import third_party_warnings_once
-    from attn_utils.train.runtime import TrainingStopped
+    from attn_utils.train.runtime import TrainingStopped, process_group_kwargs
     from attn_utils.train.trainer import Trainer
 
     third_party_warnings_once()  # after the imports: the libraries install their handlers then
@@ -74,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
+        kwargs_handlers=[process_group_kwargs(ns.ddp_timeout)],  # every collective's wait
     )
     try:
-        trainer = Trainer(cfg, acc)
+        trainer = Trainer(cfg, acc)  # unreadable model files stop it, after the data's check
+        refuse_a_guessed_family(cfg)  # files readable only since the plan: its defaults guessed
         if cfg.report_to != "none":
             acc.init_trackers("attndreambooth", config=_flat(cfg.to_dict()))
         trainer.run()
@@ -109,17 +112,31 @@ def finished(cfg: RunConfig) -> str:
     weights = [d / rf.EMBEDS_FILE if d.name == "stage_1" else lora(d) for d in made]
     prompt = "a {} in the snow"
     concept = tokens if cfg.token_alone else f"{tokens} {cfg.category}"
+    # the interpreter that trained has the packages; a bare `python` may be another one
     command = [
-        "python", "inference.py", "--run_dir", str(run), "--prompt", prompt,
+        sys.executable, _here("inference.py"), "--run_dir", str(run), "--prompt", prompt,
         "--save_dir", str(run / "samples"),
     ]  # fmt: skip
+    what = (
+        f"identifier: {tokens} (an existing word, not learned: the U-Net learned the concept; "
+        if cfg.identifier is not None  # dreambooth: no token is added or trained
+        else f"learned token: {tokens} ("
+    )
     return "\n".join([
         f"done: {run}",
-        f"  learned token: {tokens} (write {{}} in a prompt: {prompt!r} renders as "
-        f"{prompt.format(concept)!r})",
+        f"  {what}write {{}} in a prompt: {prompt!r} renders as {prompt.format(concept)!r})",
         "  weights: " + ", ".join(str(w) for w in weights),
         "  render: " + shlex.join(command),
     ])  # fmt: skip
+
+
+def _here(name: str) -> str:
+    """A file beside this script, as the shortest path that works from the current folder."""
+    path = Path(__file__).resolve().with_name(name)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:  # not under the current folder
+        return str(path)
 
 
 def _flat(d: dict) -> dict:

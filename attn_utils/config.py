@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A bad flag or flag combination; the message names the flag."""
 
 
+def vector_tokens(name: str, n: int) -> list[str]:
+    """The tokens of an n-vector [V] called `name`: name_v0 .. name_v{n-1}."""
+    return [f"{name}_v{i}" for i in range(n)]
+
+
 def first_line(e: BaseException, limit: int | None = None) -> str:
     """An exception's message cut to its first line (and `limit` characters), for one-line
     errors; the exception's type name when the message is empty."""
@@ -119,6 +124,8 @@ class RunConfig:
     run_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     fast: bool = False
     seed: int = 0
+    # None on the command line: the base model's native size, read from its U-Net and VAE
+    # configs (train/family_defaults.py); the resolved value is recorded here
     resolution: int = 512
     center_crop: bool = False  # the original crops at random
     repeats: int = 100  # each instance image appears this often per epoch
@@ -171,12 +178,17 @@ class RunConfig:
     train_text_encoder: bool = False  # dreambooth: stage 3 trains the text encoder too
     text_encoder_learning_rate: float | None = None  # None: stage 3's learning rate
     method_source: str = ""  # where the --method recipe comes from (set with the recipe)
+    # The base model's family (sd1 | sd2 | sdxl, attn_utils/families.py), read from its files;
+    # family_guess says why it was guessed from the name instead: a plan may show that, a
+    # run stops (train/family_defaults.py)
+    family: str | None = None
+    family_guess: str | None = None
 
     @property
     def placeholder_tokens(self) -> list[str]:
         if self.identifier is not None:  # dreambooth: no learned token, the rare word itself
             return [self.identifier]
-        return [f"{self.placeholder_token}_v{i}" for i in range(self.n_object_embedding)]
+        return vector_tokens(self.placeholder_token, self.n_object_embedding)
 
     def stage(self, index: int) -> StageConfig:
         return next(s for s in self.stages if s.index == index)

@@ -1,15 +1,16 @@
-"""Which Stable Diffusion family a base model is (sd1, sd2, sdxl), read before any load.
+"""Which Stable Diffusion family a base model is (sd1, sd2, sdxl), and its native size.
 
 The family decides defaults (docs/sdxl.md) and how the model is loaded and conditioned. It
-comes from the model's own files: model_index.json's pipeline class, then the text encoder's
-width (768: SD 1.x, 1024: SD 2.x). A Hub id is read from the local cache the same way; an
-uncached id is told by its name (".../stable-diffusion-xl-...", "...-2-1...", "...v1-5...").
+comes from the model's own config files, read before any weight (attn_utils/models.py reads
+them from a folder, the Hub cache or the Hub): model_index.json's pipeline class or its
+text_encoder_2, the U-Net's "text_time" added conditioning (SDXL), then the text encoder's
+width (768: SD 1.x, 1024: SD 2.x). The name is only a guess, for a --dry_run without files.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from attn_utils.config import ConfigError
@@ -20,28 +21,26 @@ SDXL_PIPELINES = {"StableDiffusionXLPipeline"}
 REFINER_PIPELINES = {"StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 # Subfolders an SDXL pipeline needs beyond SD's (the refiner lacks the first encoder).
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+# The config files that tell the family and the native size: {key: path in the model}.
+CONFIG_FILES = {
+    "index": "model_index.json",
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "text": "text_encoder/config.json",
+}
 
 
-def _read(path: Path | None) -> dict | None:
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+@dataclass(frozen=True)
+class BaseFacts:
+    """What the base model's config files say, before any weight loads."""
+
+    family: str  # sd1 | sd2 | sdxl
+    resolution: int | None  # the U-Net's native size in pixels; None: the family's default
+    guess: str | None = None  # why the family was guessed from the name; None: read from files
 
 
-def _cached(name: str, file: str, revision: str | None) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(name, file, revision=revision)
-    except (ValueError, ImportError):
-        return None
-    return Path(hit) if isinstance(hit, str) else None
-
-
-def _by_name(name: str) -> str:
+def guess_family(name: str) -> str:
+    """The family a model's name suggests (".../stable-diffusion-xl-...", "...-2-1...")."""
     n = name.lower()
     if re.search(r"(^|[-_/])(sdxl|xl)([-_/]|$)|stable-diffusion-xl", n):
         return "sdxl"
@@ -52,31 +51,37 @@ def _by_name(name: str) -> str:
     return "sd2"  # the paper's family: SD defaults, which is what an unknown SD id gets
 
 
-def detect_family(name_or_path: str, revision: str | None = None) -> str:
-    """'sd1' | 'sd2' | 'sdxl' of a local diffusers folder or a Hub id; a refiner, or an SDXL
-    folder without its second text encoder or tokenizer, is one ConfigError naming it."""
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        index = _read(local / "model_index.json")
-        text = _read(local / "text_encoder" / "config.json")
-    else:
-        index = _read(_cached(name_or_path, "model_index.json", revision))
-        text = _read(_cached(name_or_path, "text_encoder/config.json", revision))
-        if index is None:
-            return _by_name(name_or_path)
-    cls = (index or {}).get("_class_name", "")
+def native_resolution(unet: dict | None, vae: dict | None) -> int | None:
+    """The U-Net's sample_size times the VAE's downsampling (2 ** (levels - 1)), in pixels."""
+    size = (unet or {}).get("sample_size")
+    levels = len((vae or {}).get("block_out_channels") or ())
+    if isinstance(size, list) and len(set(size)) == 1:  # [h, w] of a square model
+        size = size[0]
+    if not isinstance(size, int) or size < 1 or levels < 1:
+        return None
+    return size * 2 ** (levels - 1)
+
+
+def family_of(configs: dict[str, dict | None], where: str, folder: Path | None = None) -> str:
+    """'sd1' | 'sd2' | 'sdxl' from CONFIG_FILES' contents (None: unread); a refiner, or an
+    SDXL folder without its second text encoder or tokenizer, is one ConfigError naming it."""
+    index, unet, text = (configs.get(k) or {} for k in ("index", "unet", "text"))
+    cls = index.get("_class_name", "")
     if cls in REFINER_PIPELINES:
-        raise ConfigError(f"{FLAG}: {name_or_path} is an SDXL {cls}; a refiner is out of scope")
-    if cls in SDXL_PIPELINES:
-        if local.is_dir():
-            for part in SDXL_PARTS:
-                if not (local / part).is_dir() or not any((local / part).iterdir()):
-                    raise ConfigError(
-                        f"{FLAG}: {local / part} is missing: an SDXL model needs both text "
-                        "encoders and both tokenizers"
-                    )
+        raise ConfigError(f"{FLAG}: {where} is an SDXL {cls}; a refiner is out of scope")
+    second = index.get("text_encoder_2")  # [library, class] in SDXL's index; null when absent
+    if (
+        cls in SDXL_PIPELINES
+        or unet.get("addition_embed_type") == "text_time"
+        or (isinstance(second, list) and second[0] is not None)
+    ):
+        for part in SDXL_PARTS if folder is not None else ():
+            if not (folder / part).is_dir() or not any((folder / part).iterdir()):
+                raise ConfigError(
+                    f"{FLAG}: {folder / part} is missing: an SDXL model needs both text "
+                    "encoders and both tokenizers"
+                )
         return "sdxl"
-    width = (text or {}).get("hidden_size")
-    if width == 768 or (text and text.get("hidden_act") == "quick_gelu"):
+    if text.get("hidden_size") == 768 or text.get("hidden_act") == "quick_gelu":
         return "sd1"
     return "sd2"

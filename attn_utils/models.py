@@ -1,4 +1,5 @@
-"""Load the base model's parts: local folders offline, Hub ids only from cache or network."""
+"""Load the base model's parts: local folders offline, Hub ids only from cache or network;
+its family and native size from its config files before that (base_facts)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from attn_utils.config import ConfigError, first_line
+from attn_utils.families import CONFIG_FILES, BaseFacts, family_of, guess_family, native_resolution
 
 
 @dataclass
@@ -24,6 +26,7 @@ class BaseModel:
     family: str = "sd2"  # attn_utils.families: sd1 | sd2 | sdxl
 
 
+FLAG = "--pretrained_model_name_or_path"
 # Stability AI removed the whole SD 2 family from the Hub (~2025-11-13): these ids answer "not
 # found" now, and sd2-community keeps maintained copies. A cached copy of an old id still loads.
 REMOVED_HUB_IDS = {
@@ -96,38 +99,152 @@ def load_base_model(
     check_model_source(name_or_path)
     kw = _load_kwargs(name_or_path, revision, local_files_only)
     errors = (OSError, ValueError, EnvironmentError)
-    flag = "--pretrained_model_name_or_path"
     if Path(name_or_path).is_dir():
-        verify_shipped(name_or_path, flag)
-    from attn_utils.families import detect_family
-
-    family = detect_family(name_or_path, revision)  # an SDXL folder lacking a part stops here
+        verify_shipped(name_or_path, FLAG)
+    # from the files; an SDXL folder lacking a part, or an unreadable Hub id, stops here
+    family = base_facts(name_or_path, revision, local_files_only).family
     try:
         m = _load_parts(name_or_path, unet_path, {**kw, "local_files_only": True}, family)
     except errors as cached_error:
         mirror = None if Path(name_or_path).is_dir() else REMOVED_HUB_IDS.get(name_or_path.lower())
         if mirror is not None:  # known dead: asking the Hub would only answer "not found"
-            raise ConfigError(
-                f"{flag}: {name_or_path!r} was removed from the Hub by Stability AI; "
-                f"use its maintained copy {mirror!r}"
-            ) from None
+            raise ConfigError(_removed(name_or_path, mirror)) from None
         if kw["local_files_only"]:
-            raise ConfigError(
-                f"{flag}: cannot load {name_or_path!r}: not a complete "
-                f"local diffusers folder or cached model ({first_line(cached_error)})"
-            ) from None
+            raise ConfigError(_not_cached(name_or_path, first_line(cached_error))) from None
         if not hub_reachable():
-            raise ConfigError(
-                f"{flag}: {name_or_path!r} is not in the local cache "
-                "and the Hub is unreachable; pass a local diffusers folder"
-            ) from None
+            raise ConfigError(_unreachable(name_or_path)) from None
         try:
             m = _load_parts(name_or_path, unet_path, kw, family)
         except errors as e:
-            raise ConfigError(f"{flag}: {_hub_failure(name_or_path, e)}") from None
+            raise ConfigError(f"{FLAG}: {_hub_failure(name_or_path, e)}") from None
     for part in (m.text_encoder, m.vae, m.unet):  # frozen unless a stage unfreezes its own part
         part.requires_grad_(False)
     return m
+
+
+class FilesUnreadable(ConfigError):
+    """The model's files cannot be read now: a missing folder, or a Hub id neither cached nor
+    fetchable (offline, no Hub, a removed id)."""
+
+
+def _removed(name: str, mirror: str) -> str:
+    return (
+        f"{FLAG}: {name!r} was removed from the Hub by Stability AI; use its maintained copy "
+        f"{mirror!r}"
+    )
+
+
+def _not_cached(name: str, why: str) -> str:
+    return (
+        f"{FLAG}: cannot load {name!r}: not a complete local diffusers folder or cached model "
+        f"({why})"
+    )
+
+
+def _unreachable(name: str) -> str:
+    return (
+        f"{FLAG}: {name!r} is not in the local cache and the Hub is unreachable; pass a local "
+        "diffusers folder"
+    )
+
+
+def _hub_file(name: str, file: str, revision: str | None) -> Path | None:
+    """A Hub id's file in the local cache, or None (not cached, or known to be absent)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(name, file, revision=revision)
+    except ValueError:  # not a valid repo id: nothing cached under it
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def _fetch_configs(name: str, revision: str | None, keys: list[str]) -> dict[str, Path | None]:
+    """Download these CONFIG_FILES (a few kB, no weights) into the Hub cache; absent: None."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    out: dict[str, Path | None] = {}
+    for key in keys:
+        try:
+            out[key] = Path(hf_hub_download(name, CONFIG_FILES[key], revision=revision))
+        except EntryNotFoundError:  # e.g. a model without model_index.json
+            out[key] = None
+        except (OSError, ValueError) as e:  # the Hub client's errors are OSErrors
+            raise ConfigError(f"{FLAG}: {_hub_failure(name, e)}") from None
+    return out
+
+
+def base_facts(
+    name_or_path: str, revision: str | None = None, local_files_only: bool = False,
+    guess: bool = False,
+) -> BaseFacts:  # fmt: skip
+    """The base model's family and native resolution from its config files, before any weight.
+
+    A local folder's files; a Hub id's from the cache, else fetched from the Hub
+    (CONFIG_FILES only) unless offline. Files that cannot be read are one FilesUnreadable,
+    or with `guess` a family told by the name, with the reason in .guess (a --dry_run may
+    go on that; a run may not). Never decided by the name when the files are there:
+    "RealVisXL_V4.0" is SDXL, "SSD-1B" too.
+    """
+    try:
+        return _read_facts(name_or_path, revision, local_files_only)
+    except FilesUnreadable as e:
+        if not guess:
+            raise
+        why = str(e).removeprefix(f"{FLAG}: ")
+        return BaseFacts(guess_family(name_or_path), None, why)
+
+
+def _read_facts(name_or_path: str, revision: str | None, local_files_only: bool) -> BaseFacts:
+    try:
+        check_model_source(name_or_path)
+    except ConfigError as e:
+        raise FilesUnreadable(str(e)) from None
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        paths = {k: folder / f for k, f in CONFIG_FILES.items()}
+    else:
+        paths = {k: _hub_file(name_or_path, f, revision) for k, f in CONFIG_FILES.items()}
+        missing = [k for k, path in paths.items() if path is None]
+        try:
+            paths.update(
+                _fetch(name_or_path, revision, local_files_only, missing) if missing else {}
+            )
+        except FilesUnreadable:
+            if paths["index"] is None and paths["unet"] is None:  # nothing cached to tell by
+                raise
+    configs = {k: _read_config(p) for k, p in paths.items()}
+    if not any(configs.values()):
+        raise ConfigError(
+            f"{FLAG}: {name_or_path}: no {', '.join(CONFIG_FILES.values())}: not a diffusers "
+            "Stable Diffusion model"
+        )
+    family = family_of(configs, name_or_path, folder if folder.is_dir() else None)
+    return BaseFacts(family, native_resolution(configs["unet"], configs["vae"]))
+
+
+def _fetch(name: str, revision: str | None, local_files_only: bool, keys: list[str]) -> dict:
+    """These CONFIG_FILES from the Hub, or FilesUnreadable; a removed id stops unasked."""
+    mirror = REMOVED_HUB_IDS.get(name.lower())
+    if mirror is not None:  # known dead: the Hub would only answer "not found"
+        raise FilesUnreadable(_removed(name, mirror))
+    if _load_kwargs(name, revision, local_files_only)["local_files_only"]:
+        why = "--local_files_only" if local_files_only else "HF_HUB_OFFLINE"
+        raise FilesUnreadable(_not_cached(name, f"{why} forbids asking the Hub"))
+    if not hub_reachable():
+        raise FilesUnreadable(_unreachable(name))
+    return _fetch_configs(name, revision, keys)
+
+
+def _read_config(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def _hub_failure(name: str, error: BaseException) -> str:

@@ -55,7 +55,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "category too, as before)",
     )
     g.add_argument("--resolution", type=int, default=None,
-                   help="default: 512 (SD 1.x / 2.x), 1024 (SDXL)")  # fmt: skip
+                   help="default: the model's native size, its U-Net's sample_size x the VAE's "
+                   "factor (512: SD 1.5 / 2.1-base, 768: SD 2.1, 1024: SDXL)")  # fmt: skip
     g.add_argument("--center_crop", action="store_true", help="the same as --crop center")
     g.add_argument(
         "--crop",
@@ -148,3 +149,24 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "('latest'); 'none' starts it over (its checkpoints are removed); or a checkpoint folder",
     )
     g.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit")
+    g = p.add_argument_group("several processes (docs/reliability.md)")
+    g.add_argument(
+        "--ddp_timeout",
+        type=_seconds,
+        default=7200,
+        metavar="SECONDS",
+        help="how long a process waits for the others at a collective (class-image generation, "
+        "checkpoints, validation) before it stops; longer than torch's 600 s (NCCL), which 200 "
+        "SDXL class images exceed",
+    )
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value

@@ -1,7 +1,8 @@
 """The run folder: its layout, and the file helpers training and inference both use.
 
     run_config.json                      every resolved setting
-    stage_1/learned_embeds.safetensors   {token: tensor[dim]}; stage_info.json
+    stage_1/learned_embeds.safetensors   {token: tensor[dim]}, or {name: tensor[n, dim]} for
+                                          n vectors; stage_info.json
     stage_2/unet/, stage_3/unet/          diffusers layout; stage_info.json
     stage_3/text_encoder/                 only when --train_text_encoder (DreamBooth)
     stage_2/unet_lora/, stage_3/unet_lora/ instead of unet/ with --attn_lora_rank /
@@ -31,9 +32,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from attn_utils.config import ConfigError, first_line
+from attn_utils.config import ConfigError, first_line, vector_tokens
 from attn_utils.sdxl import EMBED_KEYS as SDXL_KEYS
-from attn_utils.sdxl import TOKENS_META, sdxl_file_rows
+from attn_utils.sdxl import TOKENS_META, sdxl_file_rows, split_rows
 
 RUN_CONFIG = "run_config.json"
 EMBEDS_FILE = "learned_embeds.safetensors"
@@ -227,20 +228,23 @@ def recover_interrupted_writes(run_dir: Path) -> None:
 def save_embeddings(
     path: Path, tokens: list[str], embeds: torch.Tensor, widths: tuple[int, int] | None = None
 ) -> None:
-    """{token: float32 tensor[dim]}: the format diffusers' load_textual_inversion reads.
+    """The learned rows, float32, in the layouts diffusers' load_textual_inversion reads.
 
-    With `widths` (SDXL's two encoders) the (k, w1 + w2) rows are written as
-    {"clip_l": (k, w1), "clip_g": (k, w2)}, the layout of diffusers' SDXL examples (load each
-    with load_textual_inversion(..., token=tokens, text_encoder=..., tokenizer=...)); the
-    tokens go in the file's metadata.
+    One vector: {token: (dim,)}. n vectors new_concept_v0 .. _v{n-1}: {"new_concept": (n, dim)}
+    (diffusers refuses a key per vector; it loads this as new_concept, new_concept_1, .. and
+    expands "new_concept" in a prompt into all n). SDXL (`widths`): {"clip_l": (k, w1),
+    "clip_g": (k, w2)}, the tokens in the metadata (docs/sdxl.md loads it in diffusers).
     """
-    rows = embeds.detach().float().cpu()
-    if widths is None:
-        save_file({t: rows[i].contiguous() for i, t in enumerate(tokens)}, str(path))
+    rows = embeds.detach().float().cpu()  # (k, dim)
+    if widths is not None:
+        save_file({k: v.contiguous() for k, v in split_rows(rows, widths).items()}, str(path),
+                  metadata={TOKENS_META: json.dumps(tokens)})  # fmt: skip
         return
-    parts = {SDXL_KEYS[0]: rows[:, : widths[0]], SDXL_KEYS[1]: rows[:, widths[0] :]}
-    save_file({k: v.contiguous() for k, v in parts.items()}, str(path),
-              metadata={TOKENS_META: json.dumps(tokens)})  # fmt: skip
+    name = tokens[0].removesuffix("_v0")
+    if len(tokens) > 1 and tokens != vector_tokens(name, len(tokens)):
+        raise ValueError(f"several vectors are saved as <name>_v0 .. _v<n-1>, not {tokens}")
+    entries = {name: rows} if len(tokens) > 1 else {tokens[0]: rows[0]}
+    save_file({k: v.contiguous() for k, v in entries.items()}, str(path))
 
 
 def file_kind(path: Path) -> str:
@@ -283,10 +287,11 @@ def load_embeddings(
 ) -> dict[str, torch.Tensor]:
     """Read {token: tensor[dim]} from .safetensors, or a legacy .bin without unpickling code.
 
-    With `dim` (the text encoder's width), a vector of another width is refused, naming the file.
-    With `widths` (SDXL's two encoders), the file must hold clip_l and clip_g of those widths;
-    each token's vector is then both rows side by side. Without either, the layout is taken
-    as found.
+    An entry {name: (n, dim)} of n > 1 rows (save_embeddings' multi-vector layout, diffusers'
+    too) gives tokens name_v0 .. name_v{n-1}; a key per token (the original's layout) is read
+    as it is. With `dim` (the text encoder's width), a vector of another width is refused,
+    naming the file. With `widths` (SDXL's two encoders), the file must hold clip_l and clip_g
+    of those widths; each token's vector is then both rows side by side.
     """
     path = Path(path)
     if not path.is_file():
@@ -323,7 +328,7 @@ def load_embeddings(
             raise ConfigError(f"{path}: entry {k!r} is not a floating-point tensor")
         if v.ndim == 2 and v.shape[0] == 1:
             v = v[0]  # (1, dim), as some tools write a single vector
-        if v.ndim not in (1, 2) or (dim is not None and v.shape[-1] != dim):
+        if v.ndim not in (1, 2) or 0 in v.shape or (dim is not None and v.shape[-1] != dim):
             want = f"({dim},)" if dim is not None else "(dim,)"
             raise ConfigError(
                 f"{path}: entry {k!r} has shape {tuple(v.shape)}, but this text encoder needs "
@@ -331,7 +336,11 @@ def load_embeddings(
             )
         if not torch.isfinite(v).all():
             raise ConfigError(f"{path}: entry {k!r} holds NaN or inf values")
-        out[str(k)] = v.float()
+        names = [str(k)] if v.ndim == 1 else vector_tokens(str(k), v.shape[0])
+        clash = next((t for t in names if t in out or (t != k and t in data)), None)
+        if clash is not None:
+            raise ConfigError(f"{path}: holds {clash!r} twice (its own key and a row of {k!r})")
+        out.update(zip(names, v.float().reshape(len(names), -1)))
     return out
 
 

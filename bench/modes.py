@@ -232,15 +232,18 @@ class StageRun:
 
 def place(m, v: Variant, device: torch.device) -> None:
     """What attn_utils.train.placement.place_models does for these features."""
+    from attn_utils.method.vae import vae_weight_dtype
+
     if v.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if v.autocast_dtype is not None:
-        m.vae.to(dtype=v.autocast_dtype)
+    m.vae.to(dtype=vae_weight_dtype(m.vae, v.autocast_dtype))  # fp16: fp32 if force_upcast
     if v.channels_last:
         m.unet.to(memory_format=torch.channels_last)
     if v.grad_ckpt:
         m.unet.enable_gradient_checkpointing()
-    m.unet.train(v.grad_ckpt)  # diffusers checkpoints only in train mode
+    # eval mode as the trainer's: diffusers checkpoints whenever gradients are on, in either
+    # mode, and the U-Net has no dropout
+    m.unet.eval()
     if v.compile:
         m.unet.compile()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,31 @@ def test_abbreviated_flags_are_refused(capsys, cli):
     assert line.startswith(f"error: {abbrev}: unknown flag")
 
 
+# per CLI with required flags: (its required flag, mistyped)
+REQUIRED_TYPO = {
+    "train": ("--instance_data_dir", "--instance_dir"),
+    "evaluate": ("--samples_dir", "--sample_dir"),
+    "study": ("--concepts", "--concept"),
+}
+
+
+@pytest.mark.parametrize("cli", sorted(REQUIRED_TYPO))
+def test_a_mistyped_required_flag_is_named_before_the_missing_one(capsys, cli):
+    (main, argv), (required, typo) = _clis()[cli], REQUIRED_TYPO[cli]
+    at = argv.index(required)
+    argv = [*argv[:at], typo, *argv[at + 1 :]]  # '--instance_dir .': the value stays
+    line = _one_line_exit_2(main, argv, capsys)
+    assert line == f"error: {typo}: unknown flag; did you mean {required}?"
+
+
+def test_a_cut_short_flag_suggests_the_flag_it_begins():
+    from attn_utils.argparsing import closest_flag
+
+    flags = train_attndreambooth.build_parser().flags()
+    assert closest_flag("--res", flags) == "--resolution"  # not --repeats, closer by letters
+    assert closest_flag("--resolutoin", flags) == "--resolution"  # a typo: difflib's choice
+
+
 def test_help_shows_every_default_grouped_by_stage(capsys):
     with pytest.raises(SystemExit):
         train_attndreambooth.main(["--help"])
@@ -79,7 +106,7 @@ def test_help_shows_every_default_grouped_by_stage(capsys):
     stage1 = out[out.index("stage 1 (embedding):") : out.index("stage 2 (cross-attention):")]
     assert "--ti_learning_rate" in stage1 and "(paper: 0.001)" in " ".join(stage1.split())
     flat = " ".join(out.split())
-    assert "--resolution RESOLUTION default: 512" in flat  # a flag without help text too
+    assert "--resolution RESOLUTION default: the model's native size" in flat
     assert "--repeats REPEATS each photo's copies per epoch (default: 100)" in flat
     assert "--checkpoints_total_limit CHECKPOINTS_TOTAL_LIMIT default: 2" in flat
 
@@ -107,11 +134,26 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(
     assert str(blocker) in err[0] and "no_model_here" not in err[0]
 
 
+@pytest.mark.parametrize("how", ["missing", "not_a_run", "damaged"])
+def test_inference_checks_the_run_folder_before_anything_else(capsys, tmp_path, how):
+    import inference
+
+    run, save = tmp_path / "run", tmp_path / "samples"
+    if how != "missing":
+        run.mkdir()
+    if how == "damaged":
+        (run / "run_config.json").write_text("{not json")
+    capsys.readouterr()
+    # a bad --dtype and no prompt as well: the folder, the likelier mistake, is named first
+    assert inference.main(["--run_dir", str(run), "--dtype", "fp8", "--save_dir", str(save)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --run_dir: {run}"), err
+    assert not save.exists()
+
+
 def test_the_end_of_training_names_the_token_the_weights_and_a_command_that_runs(
     capsys, tmp_path, tiny_model, concept
 ):
-    import shlex
-
     import inference
 
     out = tmp_path / "run"
@@ -126,10 +168,23 @@ def test_the_end_of_training_names_the_token_the_weights_and_a_command_that_runs
                        str(out / "stage_2/unet"), str(out / "stage_3/unet")]  # fmt: skip
     assert all(Path(w).exists() for w in weights)
     command = shlex.split(tail[3].removeprefix("  render: "))
-    assert command[:2] == ["python", "inference.py"]
+    assert command[0] == sys.executable  # the interpreter that trained, not a bare `python`
+    assert Path(command[1]).resolve() == ROOT / "inference.py"
     quick = ["--num_inference_steps", "2", "--num_images_per_prompt", "1"]
     assert inference.main([*command[2:], *quick]) == 0
     assert (out / "samples" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["attndreambooth", "dreambooth"])
+def test_the_closing_lines_call_only_a_learned_token_learned(tmp_path, method):
+    cfg, _ = train_attndreambooth.parse_args([*BASE, "--method", method])
+    lines = train_attndreambooth.finished(cfg).splitlines()
+    if method == "dreambooth":  # 'sks' is an existing word: the U-Net learned the concept
+        assert lines[1].startswith("  identifier: sks (an existing word, not learned")
+        assert "learned token" not in "\n".join(lines)
+    else:
+        assert lines[1].startswith("  learned token: new_concept_v0 (write {}")
+    assert lines[-1].startswith(f"  render: {shlex.join([sys.executable])} ")
 
 
 DEMO_IDENTITY_MARGIN = 0.09  # CLIP-I: half the measured rise; run-to-run noise on one machine is 0

@@ -10,6 +10,7 @@ from conftest import cli_error, render_one
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from test_math import KeepProbs, tiny_unet
+from test_numerics import counted_checkpoints
 
 import train_attndreambooth
 from attn_utils.method import core as core_math
@@ -133,6 +134,38 @@ def test_core_losses_are_the_denoising_loss_plus_the_two_context_terms():
     (reg + mse).backward()
     assert h_v.grad is not None and torch.isfinite(h_v.grad).all() and h_v.grad.abs().sum() > 0
     assert not means.active  # the denoising forward of the next step is fused again
+
+
+def _core_micro_step(unet) -> tuple[torch.Tensor, ...]:
+    """One core_losses micro-step and its backward, as the trainer runs them (the backward
+    inside the capture): (mse, reg, text's gradient, h_v's gradient)."""
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    text, h_v, h_c = (torch.randn(1, 77, 16, generator=g) for _ in range(3))
+    text.requires_grad_(True), h_v.requires_grad_(True)  # stage 1: both reach [V]
+    pos_v, pos_c = torch.tensor([0, 1, 2, 4, 5]), torch.tensor([0, 1, 2, 5, 6])
+    means = ContextMeans()
+    with capture_cross_attention(unet, means):
+        # the embedding term off: h_v's gradient then comes from the attention maps alone
+        mse, reg = core_losses(unet, sched, latents, text, torch.Generator().manual_seed(9),
+                               h_v, h_c, pos_v, pos_c, means, 0.0, 2.0)  # fmt: skip
+        (mse + reg).backward()
+    return mse.detach(), reg.detach(), text.grad, h_v.grad
+
+
+def test_core_losses_under_gradient_checkpointing_give_the_same_gradients():
+    """Each checkpointed block of the three forwards reruns in the backward pass, after
+    the last forward: the recompute must take its own forward's path (fused for the
+    denoising forward, recording at prompt_v's or prompt_c's positions for the others)."""
+    unet = tiny_unet().requires_grad_(False).eval()  # as in stage 1
+    ref = _core_micro_step(unet)
+    unet.enable_gradient_checkpointing()
+    with counted_checkpoints() as calls:
+        got = _core_micro_step(unet)
+    assert calls[0] > 0 and ref[3].abs().sum() > 0
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,29 @@ def test_clip_t_text_substitution():
     assert clip_t_text("a plain prompt", "dog") == "a plain prompt"
 
 
+def test_clip_t_never_scores_against_placeholder_text(models, tmp_path):
+    """SPEC: text alignment uses the prompt with the placeholder removed, however it is written."""
+    assert clip_t_text("a t_v0 sloth, in oil", "sloth", placeholders=["t_v0"]) == "a sloth, in oil"
+    assert clip_t_text("a sksa", "x", placeholders=["sks"]) == "a sksa"  # whole words only
+    cases = {  # (the render's settings, a prompt's template)
+        "written_out": ({"category": "sloth", "tokens": ["new_concept_v0"]},
+                        "a new_concept_v0 sloth on the beach"),
+        "dreambooth": ({"category": "sks sloth", "tokens": [], "identifier": "sks"},
+                       "a {} on the beach"),  # the run's category, 'sks sloth', fills {}
+    }  # fmt: skip
+    reals = embed_real(models, real_dir(tmp_path / "real", n=1))
+    for name, (settings, template) in cases.items():
+        root = tmp_path / name
+        (root / "p").mkdir(parents=True)
+        _noise_image(1).save(root / "p" / "0.png")
+        entry = {"template": template, "dir": "p", "files": ["p/0.png"], "grid": None}
+        index = {"format": 1, "settings": settings, "prompts": {"x": entry}}
+        (root / "index.json").write_text(json.dumps(index))
+        # without --category, evaluate.py scores with the index's category
+        result = score_samples(models, root, reals, settings["category"])
+        assert result["per_prompt"][0]["text"] == "a sloth on the beach", name
+
+
 def test_prompt_classes_of_the_shipped_sets():
     def counts(name):
         got = [prompt_class(t) for t in read_prompt_file(ROOT / "dataset/prompts" / name)]

@@ -1,4 +1,5 @@
-"""Hub ids: removed, missing and gated ones are one clear line; a cached one records its commit.
+"""Hub ids: removed, missing and gated ones are one clear line; a cached one records its commit;
+an SDXL under an id without "xl" is told by its files (fetched when not cached), not its name.
 
 The Hub client's HTTP session is replaced by a fake that answers as the Hub does (404
 RepoNotFound, 403 GatedRepo), so huggingface_hub, transformers and diffusers run their real
@@ -7,6 +8,7 @@ code paths with no network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,26 +20,57 @@ from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import _http
 
 import inference
+import train_attndreambooth
 from attn_utils import models
-from attn_utils.models import REMOVED_HUB_IDS, base_model_source, load_base_model
+from attn_utils.models import (
+    REMOVED_HUB_IDS,
+    FilesUnreadable,
+    base_facts,
+    base_model_source,
+    load_base_model,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
 class FakeHub:
-    """Answers every request with the Hub's error for `code`; remembers the URLs asked."""
+    """Serves the folders in `served` ({repo id: folder}, at COMMIT) as the Hub's resolve and
+    model-info endpoints do; answers anything else with the Hub's error for `code`; remembers
+    the URLs asked."""
 
     def __init__(self) -> None:
-        self.code, self.urls = "RepoNotFound", []
+        self.code, self.urls, self.served = "RepoNotFound", [], {}
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.urls.append(str(request.url))
+        path = request.url.path.lstrip("/")
+        for repo, folder in self.served.items():
+            if path.startswith(f"{repo}/resolve/"):  # <repo>/resolve/<revision>/<file>
+                return _file_response(request, folder / path.split("/", 4)[-1])
+            if path.startswith(f"api/models/{repo}"):
+                if "/tree/" in path:  # listings of optional folders: empty
+                    return httpx2.Response(200, json=[], request=request)
+                files = [str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()]
+                info = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}
+                return httpx2.Response(200, json=info, request=request)
         status = 403 if self.code == "GatedRepo" else 404
         return httpx2.Response(status, headers={"X-Error-Code": self.code}, request=request)
 
     def asked_about(self, repo_id: str) -> bool:
         return any(repo_id in url for url in self.urls)
+
+
+def _file_response(request: httpx2.Request, file: Path) -> httpx2.Response:
+    """The Hub's answer for one file of a repository at COMMIT (HEAD: the headers only)."""
+    if not file.is_file():
+        headers = {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}
+        return httpx2.Response(404, headers=headers, request=request)
+    body = file.read_bytes()
+    headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+               "Content-Length": str(len(body))}  # fmt: skip
+    content = b"" if request.method == "HEAD" else body
+    return httpx2.Response(200, headers=headers, content=content, request=request)
 
 
 @pytest.fixture
@@ -137,3 +170,93 @@ def test_run_config_records_the_cached_commit(cache, concept, tmp_path, run_trai
 def test_a_cached_copy_of_a_removed_id_still_loads(cache):
     m = load_base_model("stabilityai/stable-diffusion-2-1-base", local_files_only=True)
     assert m.unet.config.cross_attention_dim == m.text_encoder.config.hidden_size
+
+
+# SDXL checkpoints whose ids hold no delimited "xl": only their files tell the family.
+MISLEADING_SDXL = ["SG161222/RealVisXL_V4.0", "segmind/SSD-1B",
+                   "playgroundai/playground-v2-1024px-aesthetic"]  # fmt: skip
+
+
+def _dry_run_plan(run_train, capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert run_train([*argv, "--dry_run"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("model_id", MISLEADING_SDXL)
+def test_an_uncached_hub_sdxl_is_told_by_its_downloaded_files_not_its_name(
+    hub, model_id, tiny_sdxl, concept, tmp_path, run_train, capsys
+):
+    hub.served[model_id] = tiny_sdxl
+    argv = train_on(model_id, concept, tmp_path / "o")
+    argv = argv[: argv.index("--resolution")]  # the defaults show
+    plan = _dry_run_plan(run_train, capsys, argv)
+    assert plan["family"] == "sdxl" and plan["family_guess"] is None
+    assert plan["resolution"] == 128  # the tiny U-Net's sample_size 16 x the VAE's 8
+    assert all(s["gradient_accumulation_steps"] == 4 for s in plan["stages"])  # SDXL's layout
+    assert "docs/sdxl.md" in plan["method_source"]
+    assert any(u.endswith("/resolve/main/model_index.json") for u in hub.urls)  # not cached
+    assert not any(u.endswith(".safetensors") for u in hub.urls)  # configs only, no weights
+
+
+def test_a_misleading_hub_id_loads_as_sdxl_from_a_fake_cache(monkeypatch, tmp_path, tiny_sdxl):
+    root = _fake_cache(tmp_path / "hub", "segmind/SSD-1B", tiny_sdxl)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    m = load_base_model("segmind/SSD-1B", local_files_only=True)
+    assert m.family == "sdxl" and hasattr(m.text_encoder, "tokenizer_2")  # both encoders
+
+
+def test_an_unreadable_hub_id_is_an_error_in_a_run_and_a_stated_guess_in_a_dry_run(
+    concept, tmp_path, run_train, capsys, monkeypatch
+):
+    model_id = "SG161222/RealVisXL_V4.0"  # not cached, and HF_HUB_OFFLINE forbids the Hub
+    argv = train_on(model_id, concept, tmp_path / "o")
+    plan = _dry_run_plan(run_train, capsys, argv[: argv.index("--resolution")])
+    assert plan["family"] == "sd2" and plan["resolution"] == 512
+    assert f"guessed from the name {model_id!r}" in plan["family_guess"]
+    assert "resolution: the family's default 512, a guess" in plan["family_guess"]
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded for a family guessed from the name")
+
+    monkeypatch.setattr(models, "_load_parts", no_weights)
+    line, _ = cli_error(run_train, capsys, argv)  # stops before any weight loads
+    assert repr(model_id) in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_refuses_defaults_resolved_before_its_files_became_readable(
+    monkeypatch, tmp_path, tiny_sdxl, concept, run_train, capsys
+):
+    """The Hub answered only after the flags were resolved (from a guess): no run on those."""
+    model_id = "segmind/SSD-1B"
+    argv = train_on(model_id, concept, tmp_path / "o", "--stages", "1")
+    cfg, ns = train_attndreambooth.parse_args(argv)  # offline: sd2, guessed from the name
+    assert cfg.family == "sd2" and cfg.family_guess is not None
+    root = _fake_cache(tmp_path / "hub", model_id, tiny_sdxl)  # now readable: SDXL
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(train_attndreambooth, "parse_args", lambda argv: (cfg, ns))
+    line, _ = cli_error(run_train, capsys, argv)
+    assert "defaults were resolved while the model's files could not be read" in line
+    assert not (tmp_path / "o" / "stage_1").exists()
+
+
+def test_the_config_fetch_honours_revision_and_local_files_only(hub, tiny_sdxl):
+    model_id = "segmind/SSD-1B"
+    hub.served[model_id] = tiny_sdxl
+    with pytest.raises(FilesUnreadable, match="--local_files_only forbids asking the Hub"):
+        base_facts(model_id, local_files_only=True)
+    assert not hub.asked_about(model_id)
+    assert base_facts(model_id, revision="v2").family == "sdxl"
+    assert any(u.endswith(f"{model_id}/resolve/v2/model_index.json") for u in hub.urls)
+
+
+def test_an_uncached_hub_sdxl_trains_as_sdxl(hub, tiny_sdxl, concept, tmp_path, run_train):
+    """The crash this prevents: SD defaults and one text encoder, at the first U-Net forward."""
+    model_id = "segmind/SSD-1B"
+    hub.served[model_id] = tiny_sdxl
+    out = tmp_path / "o"
+    steps = ["--stages", "1", "--ti_train_steps", "1", "--ti_gradient_accumulation_steps", "1"]
+    assert run_train(train_on(model_id, concept, out, *steps)) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["family"] == "sdxl" and cfg["base_model"]["revision"] == COMMIT

@@ -91,6 +91,14 @@ def test_prompt_file_parsing_and_filling(tmp_path, caplog):
     assert [j.prompt for j in jobs] == ["t_v0 t_v1 teddy bear on the beach", "no placeholder"]
     assert "without '{}'" in caplog.text and "repeated prompt" in caplog.text
     assert make_jobs(["a {}"], ["t_v0"], None)[0].prompt == "a t_v0"  # no category known
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the placeholder written out: nothing to warn of
+        jobs = make_jobs(["a t_v0 t_v1 teddy bear, in oil", "(t_v0) alone"], ["t_v0", "t_v1"], "x")
+    assert [j.prompt for j in jobs] == ["a t_v0 t_v1 teddy bear, in oil", "(t_v0) alone"]
+    assert "without '{}'" not in caplog.text
+    with caplog.at_level(logging.WARNING):  # a longer word is not the token
+        make_jobs(["a t_v01 bear"], ["t_v0"], None)
+    assert "without '{}'" in caplog.text
 
 
 def test_slugs_are_safe_bounded_distinct_and_stable():
@@ -265,6 +273,8 @@ def test_export_round_trip_and_authors_flags(reference, run_dir, tiny_model, tmp
 
     export = tmp_path / "exported"
     assert infer("--run_dir", run_dir, "--export_pipeline", export) == 0  # export only
+    meta = json.loads((export / "attndreambooth_concept.json").read_text())
+    assert meta["prompt_example"] == f"a photo of a {TOKEN} sloth"
     pipe = StableDiffusionPipeline.from_pretrained(str(export))
     tid = pipe.tokenizer.convert_tokens_to_ids(TOKEN)
     assert pipe.tokenizer(TOKEN, add_special_tokens=False).input_ids == [tid]

@@ -5,7 +5,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
-from attn_utils.method.capture import TokenStats, capture_cross_attention, cross_attention_layers
+from attn_utils.method.capture import (
+    Controller,
+    TokenStats,
+    capture_cross_attention,
+    cross_attention_layers,
+)
 from attn_utils.method.losses import attention_reg_loss
 
 
@@ -26,10 +31,8 @@ def tiny_unet(seed=0):
     )
 
 
-class KeepProbs:
+class KeepProbs(Controller):
     """Reference recorder: keeps every full probability tensor (B, H, N, T) per layer."""
-
-    active = True
 
     def __init__(self):
         self.maps = {}

@@ -366,6 +366,9 @@ def test_inference_renders_every_method(runs, method, tmp_path):
     prompt = (save / entry["dir"] / "prompt.txt").read_text().strip()
     concept = "sks sloth" if method == "dreambooth" else "new_concept_v0 sloth"
     assert prompt == f"a photo of {concept} on the beach"
+    from attn_utils.evaluate.scoring import placeholder_words  # what CLIP-T leaves out
+
+    assert placeholder_words(index["settings"]) == [concept.split()[0]]
     if method != "dreambooth":  # the newest embedding: stage 3's for ti_db
         stage = "stage_3" if method == "ti_db" else "stage_1"
         assert index["settings"]["embedding_path"].endswith(f"{stage}/learned_embeds.safetensors")

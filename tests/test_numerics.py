@@ -14,9 +14,13 @@ autocast vs fp32: the denoising loss within 1 % and the regulariser within 5 % (
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from attn_utils.config import PAPER_STAGES
 from attn_utils.method.capture import TokenStats, capture_cross_attention
@@ -188,6 +192,21 @@ def test_bf16_autocast_losses_close_to_fp32(parts, stage):
     torch.testing.assert_close(reg16, reg32, rtol=5e-2, atol=0)
 
 
+@contextlib.contextmanager
+def counted_checkpoints() -> Iterator[list[int]]:
+    """[n]: the torch.utils.checkpoint.checkpoint calls made inside (diffusers checkpoints
+    through it whenever gradients are on and checkpointing is enabled, in either mode)."""
+    calls, real = [0], torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.utils.checkpoint, "checkpoint", counting)
+        yield calls
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_gradient_checkpointing_keeps_the_regulariser_gradient(parts, stage):
     """The attention statistics leave the checkpointed blocks through the capture processor;
@@ -196,14 +215,41 @@ def test_gradient_checkpointing_keeps_the_regulariser_gradient(parts, stage):
     unet = parts[0].unet
     _, reg_a, g_a = fast_path(parts, stage, seed=20, reg_only=True)
     unet.enable_gradient_checkpointing()
-    unet.train()  # diffusers checkpoints only in training mode
     try:
-        _, reg_b, g_b = fast_path(parts, stage, seed=20, reg_only=True)
+        with counted_checkpoints() as calls:  # in eval mode, as the trainer's U-Net
+            _, reg_b, g_b = fast_path(parts, stage, seed=20, reg_only=True)
     finally:
         unet.disable_gradient_checkpointing()
-        unet.eval()
+    assert calls[0] > 0
     torch.testing.assert_close(reg_b, reg_a, rtol=1e-5, atol=0)
     assert sum(g.abs().sum() for g in g_a.values()) > 0
     for name, ref in g_a.items():
         scale = ref.abs().max().item()
         torch.testing.assert_close(g_b[name], ref, rtol=1e-4, atol=1e-4 * scale + 1e-20)
+
+
+STAGES_123 = ["--ti_train_steps", "1", "--attn_train_steps", "2", "--unet_train_steps", "2"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--method", "core", "--stages", "1", "--ti_train_steps", "2", "--ti_bs", "2"],
+        [*STAGES_123, "--unet_lora_rank", "4", "--attn_lora_rank", "4", "--unet_lora_dropout",
+         "0.1"],
+        ["--method", "dreambooth", "--unet_train_steps", "2", "--with_prior_preservation",
+         "--num_class_images", "2", "--sample_batch_size", "2", "--class_inference_steps", "2"],
+    ],
+    ids=["core", "lora", "prior"],
+)  # fmt: skip
+def test_each_path_trains_with_gradient_checkpointing(tiny_model, concept, tmp_path, extra):
+    """--gradient_checkpointing with CoRe's three forwards a micro-step, the adapters (with
+    dropout, whose masks the recompute must draw again) and the (instance, class) batch."""
+    import train_attndreambooth
+
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir",
+            str(concept), "--category", TINY_CATEGORY, "--output_dir", str(tmp_path / "run"),
+            "--resolution", str(TINY_RESOLUTION), "--gradient_checkpointing", *extra]  # fmt: skip
+    with counted_checkpoints() as calls:
+        assert train_attndreambooth.main(argv) == 0
+    assert calls[0] > 0

@@ -117,6 +117,39 @@ def test_resume_is_bitwise_exact(
     assert ck.list_checkpoints(out) == []  # superseded by the stage result
 
 
+def test_a_resumed_stage_keeps_one_loss_record_per_step_and_sums_its_launches(
+    run_train, monkeypatch, tmp_path, tiny_model, concept, full_run
+):
+    from attn_utils.train.records import LOSS_LOG, read_loss_log
+
+    out = tmp_path / "run"
+    argv = train_argv(tiny_model, concept, out, "--stages", "1", "--ti_checkpointing_steps", "2",
+                      "--logging_steps", "1")  # fmt: skip
+    with monkeypatch.context() as m:  # crashes in step 4: steps 1-3 logged, checkpoint at 2
+        hook(m, "_optimizer_step", 4, before=crash)
+        with pytest.raises(SimulatedCrash):
+            run_train(argv)
+    assert [r["step"] for r in read_loss_log(out)] == [1, 2, 3]
+    with open(out / LOSS_LOG, "a") as f:
+        f.write('{"stage": 1, "step": 4, "ste')  # torn by a crash mid-write
+    ckpt = ck.list_checkpoints(out)[-1] / "state.json"
+    state = json.loads(ckpt.read_text())
+    assert state["launches"] == 1 and state["train_seconds"] > 0
+    ckpt.write_text(json.dumps({**state, "train_seconds": 1000.0}))  # a long first launch
+    assert run_train(argv) == 0
+    records = read_loss_log(out)  # step 3 replayed once, the torn line gone
+    assert [(r["stage"], r["step"], r["steps"]) for r in records] == [
+        (1, s, 1) for s in (1, 2, 3, 4)
+    ]
+    assert (out / LOSS_LOG).read_text().count("\n") == 4
+    whole = [r for r in read_loss_log(full_run) if r["stage"] == 1]  # one read: steps 1-4
+    assert [(r["step"], r["steps"]) for r in whole] == [(4, 4)]
+    mean = sum(r["loss"] for r in records) / 4
+    assert mean == pytest.approx(whole[0]["loss"], rel=1e-5)  # the same steps, bitwise
+    info = rf.stage_info(out, 1)
+    assert info["launches"] == 2 and info["train_seconds"] > 1000.0  # both launches
+
+
 def test_starting_over_takes_an_explicit_flag(
     run_train, capsys, tmp_path, tiny_model, concept, full_run, interrupted
 ):
@@ -224,7 +257,10 @@ def test_resume_with_a_different_fingerprint_is_refused(
                       *extra)  # fmt: skip
     line, _ = cli_error(run_train, capsys, argv)
     assert line.startswith(f"error: --resume_from_checkpoint: {ckpt}")
-    assert "different" in line
+    named = {"data": "(data: ", "model": "(model: ",  # hashes: named, values shortened
+             "plan": "(stage 1.learning_rate: 0.001 -> 0.002)",
+             "optimizer": "(optimizer.weight_decay: 0.01 -> 0.02)"}  # fmt: skip
+    assert "different data, base model or settings " + named[change] in line
     assert ck.list_checkpoints(out) == [out / "checkpoints" / ckpt.name]  # left untouched
 
 
@@ -238,6 +274,22 @@ def test_completed_stage_with_other_data_is_refused(run_train, capsys, tmp_path,
     err = capsys.readouterr().err
     assert f"error: --output_dir: {out / 'stage_1'} was trained with different data" in err
     assert not (out / "stage_2").exists()
+
+
+def test_a_refused_completed_stage_names_the_change_and_the_stages_to_keep(
+    run_train, capsys, tmp_path, tiny_model, concept, full_run
+):
+    out = tmp_path / "run"
+    copy_stages(full_run, out, 2)
+    argv = train_argv(tiny_model, concept, out, "--stages", "3", "--attn_learning_rate", "1e-4")
+    line, _ = cli_error(run_train, capsys, argv)
+    old = json.loads((out / "stage_2" / "stage_info.json").read_text())["identity"]
+    assert old["plan"][1]["learning_rate"] != 1e-4
+    assert line == (
+        f"error: --output_dir: {out / 'stage_2'} was trained with different data, base model "
+        f"or settings (stage 2.learning_rate: {old['plan'][1]['learning_rate']} -> 0.0001); "
+        "use a new --output_dir (copy stage_1 into it to reuse them)"
+    )
 
 
 @pytest.mark.parametrize("opt", ["--fused_adam", "--no-fused_adam"])  # device skip / host read

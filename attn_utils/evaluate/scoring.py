@@ -68,6 +68,13 @@ def prompt_class(template: str) -> str:
     return "background"
 
 
+def placeholder_words(settings: dict) -> list[str]:
+    """The rendering's placeholder tokens and DreamBooth identifier (index.json's settings)."""
+    words = [t for t in settings.get("tokens") or [] if isinstance(t, str)]
+    ident = settings.get("identifier")
+    return words + ([ident] if isinstance(ident, str) and ident else [])
+
+
 def read_index(samples_dir: str | Path) -> tuple[dict, list[dict]]:
     """(index.json, [{prompt, template, files: [Path], grid}]) of an inference.py folder."""
     root = Path(samples_dir)
@@ -142,7 +149,8 @@ def score_samples(
     files = [f for p in prompts for f in p["files"]]
     owner = [i for i, p in enumerate(prompts) for _ in p["files"]]  # prompt of each image
     gen_clip, gen_dino = models.embed_images(files, load_image, desc="generated images")
-    texts = [clip_t_text(p["template"], category, text_mode) for p in prompts]
+    hidden = placeholder_words(index.get("settings", {}))  # never in CLIP-T's text
+    texts = [clip_t_text(p["template"], category, text_mode, hidden) for p in prompts]
     text_emb = models.clip_text(texts)[owner]  # (N, D): each image's prompt text
     clip_t = clip_t_scores(gen_clip, text_emb)
     clip_i = pairwise_mean(gen_clip, real["clip"])
@@ -150,7 +158,7 @@ def score_samples(
     oracle = getattr(models, "oracle", None)
     keys = METRICS + ((ORACLE,) if oracle is not None else ())
     if oracle is not None:  # the prompt with {} -> category: the words the oracle can check
-        named = [clip_t_text(p["template"], category, "category") for p in prompts]
+        named = [clip_t_text(p["template"], category, "category", hidden) for p in prompts]
         oracle_of = oracle_scores(oracle, files, [named[o] for o in owner])
     root = Path(samples_dir)
     per_image = [

@@ -17,6 +17,12 @@ class Controller:
 
     active = True
 
+    def recorder(self, context: torch.Tensor) -> Controller | None:
+        """Who records the maps of a forward whose text is `context` (B, T, D); None: the
+        fused fallback. Gradient checkpointing reruns a forward in the backward pass, which
+        must take the same path: here `active` must not change until that backward."""
+        return self if self.active else None
+
     def record(self, layer: str, probs: torch.Tensor, heads: int) -> None:
         raise NotImplementedError
 
@@ -74,7 +80,9 @@ class CrossAttnCaptureProcessor:
         *args,
         **kwargs,
     ):
-        if not self.controller.active or encoder_hidden_states is None:
+        ctx = encoder_hidden_states  # (B, T, D); None in self-attention
+        recorder = None if ctx is None else self.controller.recorder(ctx)
+        if recorder is None:
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
@@ -98,7 +106,7 @@ class CrossAttnCaptureProcessor:
         key = attn.head_to_batch_dim(key)  # (B*H, T, d)
         value = attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(query, key, attention_mask)  # (B*H, N, T)
-        self.controller.record(self.layer, probs, attn.heads)
+        recorder.record(self.layer, probs, attn.heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if ndim == 4:
@@ -118,7 +126,8 @@ def capture_cross_attention(unet, controller: Controller) -> Iterator[list[str]]
     """Install capture processors on attn2 layers only; restore the previous ones on exit.
 
     With gradient checkpointing the backward pass reruns the forward: call backward inside
-    this context, or the recomputation takes the fused path and torch refuses it.
+    this context, with each forward's Controller.recorder answer unchanged, or the
+    recomputation takes the other path and torch refuses it.
     """
     previous = dict(unet.attn_processors)
     layers = cross_attention_layers(unet)

@@ -1,4 +1,4 @@
-"""CoRe's context regularisation (Pang et al., arXiv 2408.15914): the math of its stage 1.
+"""CoRe's context regularisation (Wu et al., arXiv 2408.15914): the math of its stage 1.
 
 A regularisation prompt ("An impressionist painting of a {}") is filled twice: with the learned
 token(s) [V] (prompt_v) and with the category word(s) (prompt_c). The *context* tokens, everything
@@ -30,8 +30,8 @@ NORM_HOLD_END = 180  # the last step after which the vectors are rescaled
 
 
 def _ids(ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Token ids as a 1-D LongTensor on the CPU."""
-    t = torch.as_tensor(ids, dtype=torch.long).cpu()
+    """Token ids as a 1-D LongTensor on the CPU (positions are found on the host, once)."""
+    t = torch.as_tensor(ids, dtype=torch.long, device="cpu")
     if t.ndim != 1:
         raise ValueError(f"token ids must be one prompt (1-D), got shape {tuple(t.shape)}")
     return t
@@ -60,8 +60,8 @@ def context_positions(
             f"[V] at {v_start}..{v_start + k - 1} must lie between the start-of-text token (0) "
             f"and the end-of-text token ({eot_v}) of a {len(ids_v)}-token prompt"
         )
-    before = torch.arange(v_start)
-    after_v = torch.arange(v_start + k, eot_v + 1)
+    before = torch.arange(v_start, device="cpu")  # host-side, as the ids: the caller moves them
+    after_v = torch.arange(v_start + k, eot_v + 1, device="cpu")
     after_c = after_v + (c_len - k)
     if after_c[-1] >= len(ids_c):
         raise ValueError(
@@ -129,29 +129,67 @@ class ContextMeans(Controller):
     is (B, P) in fp32 with its graph kept (a training loss). Keyed by layer, so a
     gradient-checkpointing recompute overwrites. For the two forwards, use two instances or
     `take()` the first forward's means before the second.
+
+    Several forwards before one backward (core_losses): `watch` each one's text tensor and
+    set `active` False; only those forwards record, each into its own dict. The choice
+    follows the forward's input, not the time it runs, so under gradient checkpointing the
+    recompute of each block in the backward pass takes the path its forward took.
     """
 
     def __init__(self, positions: torch.Tensor | None = None) -> None:
         self.positions = positions
         self.means: dict[str, torch.Tensor] = {}
+        self.watched: list[tuple[torch.Tensor, _Watched]] = []  # [(text (B, T, D), its recorder)]
 
     def reset(self) -> None:
-        self.means = {}
+        self.means, self.watched = {}, []
 
     def take(self) -> dict[str, torch.Tensor]:
         """The recorded means; the controller starts empty again."""
         means, self.means = self.means, {}
         return means
 
+    def watch(self, context: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Record every forward whose text is this very tensor `context` (B, T, D) at
+        `positions` (P,) or (B, P); returns the dict its {layer: (B, P)} means fill."""
+        watched = _Watched(positions)
+        self.watched.append((context, watched))
+        return watched.means
+
+    def recorder(self, context: torch.Tensor) -> Controller | None:
+        for text, watched in self.watched:
+            if text is context:
+                return watched
+        return super().recorder(context)
+
     def record(self, layer: str, probs: torch.Tensor, heads: int) -> None:
         if self.positions is None:
             raise ValueError("ContextMeans.positions is not set")
-        bh, n, t = probs.shape  # (B*H, N, T)
-        b = bh // heads
-        pos = _per_sample(self.positions, b, probs.device)  # (B, P)
-        idx = pos[:, None, None, :].expand(b, heads, n, pos.shape[1])
-        sel = probs.view(b, heads, n, t).gather(-1, idx).float()  # (B, H, N, P)
-        self.means[layer] = sel.mean(dim=(1, 2))  # (B, P)
+        self.means[layer] = _context_means(probs, heads, self.positions)
+
+
+class _Watched(Controller):
+    """The means of one watched forward. The loss holds the forward's own; a recompute's
+    copy is dropped, or its graph (each layer's probabilities) would outlive the backward."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        self.means: dict[str, torch.Tensor] = {}
+
+    def record(self, layer: str, probs: torch.Tensor, heads: int) -> None:
+        mean = _context_means(probs, heads, self.positions)  # the recompute needs the same ops
+        self.means.setdefault(layer, mean)
+
+
+def _context_means(probs: torch.Tensor, heads: int, positions: torch.Tensor) -> torch.Tensor:
+    """(B*H, N, T) attention probabilities -> (B, P) fp32 means over heads and pixels at
+    `positions` (P,) or (B, P)."""
+    bh, n, t = probs.shape  # (B*H, N, T)
+    b = bh // heads
+    pos = _per_sample(positions, b, probs.device)  # (B, P)
+    idx = pos[:, None, None, :].expand(b, heads, n, pos.shape[1])
+    sel = probs.view(b, heads, n, t).gather(-1, idx).float()  # (B, H, N, P)
+    return sel.mean(dim=(1, 2))  # (B, P)
 
 
 def context_embedding_loss(
@@ -239,22 +277,22 @@ def core_losses(
     latents (B, 4, h, w); text (1 or B, 77, D), the training prompt's encoding; h_v, h_c
     (1, 77, D), a regularisation prompt with [V] and with the category; pos_v, pos_c (P,) their
     aligned context positions. The same noisy latents and timesteps then go through the U-Net
-    with h_v and with h_c, `means` (installed by capture_cross_attention, inactive otherwise)
-    recording their context tokens' attention. Regulariser = embedding_weight x context
-    embedding loss + attention_weight x context attention loss.
+    with h_v and with h_c, `means` (installed by capture_cross_attention; call the backward
+    inside it too) recording their context tokens' attention. Regulariser = embedding_weight
+    x context embedding loss + attention_weight x context attention loss.
     """
     b = latents.shape[0]
     noisy, t, target = noisy_latents(scheduler, latents, gen, noise_offset, channels_last)
-    means.active = False  # fused attention for the denoising forward
+    # Only the two watched forwards record; the denoising forward keeps the fused kernel. The
+    # choice follows each forward's text, so a checkpointed block's recompute in the
+    # backward pass takes its forward's path however the backward orders them.
+    means.active = False
+    means.reset()  # the last micro-step's forwards: their backward has run
     mse = denoising_loss(unet(noisy, t, text.expand(b, -1, -1)).sample, target)
     recorded = []
-    try:
-        means.active = True
-        for h, pos in ((h_v, pos_v), (h_c, pos_c)):
-            means.positions = pos
-            unet(noisy, t, h.expand(b, -1, -1))  # only the attention maps are used
-            recorded.append(means.take())
-    finally:
-        means.active = False
+    for h, pos in ((h_v, pos_v), (h_c, pos_c)):
+        context = h.expand(b, -1, -1)  # (B, 77, D), this forward's own tensor
+        recorded.append(means.watch(context, pos))
+        unet(noisy, t, context)  # only the attention maps are used
     reg = embedding_weight * context_embedding_loss(h_v, h_c, pos_v, pos_c)
     return mse, reg + attention_weight * context_attention_loss(*recorded)

@@ -6,13 +6,13 @@ import torch
 
 from attn_utils.method.capture import TokenStats
 from attn_utils.method.losses import attention_reg_loss, denoising_loss
+from attn_utils.method.vae import vae_encode
 
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Scaled latents (B, 4, h, w) in fp32 from images (B, 3, H, W) in [-1, 1]."""
-    pixels = pixels.to(vae.device, vae.dtype, non_blocking=True)
-    dist = vae.encode(pixels).latent_dist
+    dist = vae_encode(vae, pixels)  # fp32 with autocast off where fp16 overflows the VAE
     return dist.sample(generator=gen).float() * vae.config.scaling_factor
 
 

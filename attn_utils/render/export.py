@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 
 from attn_utils.config import ConfigError, load_run_config
-from attn_utils.method.tokens import add_to_second_tokenizer, table_width, write_table_rows
+from attn_utils.method.tokens import (
+    add_to_second_tokenizer,
+    fill_prompt,
+    table_width,
+    write_table_rows,
+)
 from attn_utils.models import check_model_source, load_base_model
 from attn_utils.render.lora import load_unet_lora, lora_folder
 from attn_utils.render.pipeline import make_pipeline
@@ -55,6 +60,7 @@ class ConceptSource:
     token_alone: bool = False  # '{}' becomes [V] without the category (ti --token_alone)
     # LoRA folders (unet_lora/) merged into that U-Net in this order: the LoRA stages after it
     unet_loras: list[str] = field(default_factory=list)
+    identifier: str | None = None  # dreambooth: the rare word that `category` begins with
 
     @property
     def prompt_category(self) -> str | None:
@@ -147,7 +153,7 @@ def resolve_source(
     if stage is not None and checkpoint_path is not None:
         raise ConfigError("--stage and --checkpoint_path: give one of them")
     tokens: list[str] = []
-    unet_path, token_alone, loras = None, False, []
+    unet_path, token_alone, loras, identifier = None, False, [], None
     if run_dir is not None:
         run = Path(run_dir)
         if not run.is_dir():
@@ -160,6 +166,7 @@ def resolve_source(
         tokens, token_alone = cfg.placeholder_tokens, cfg.token_alone
         if cfg.identifier is not None:  # dreambooth: a rare word of the vocabulary, no file
             category, tokens = " ".join([*tokens, category or ""]).strip(), []
+            identifier = cfg.identifier
         stage, unet_path, loras = _run_stage(run, stage, checkpoint_path)
         if cfg.identifier is None and embedding_path is None:
             embedding_path = str(_run_embedding(run, stage or 3))
@@ -202,6 +209,7 @@ def resolve_source(
         text_encoder_path=text_encoder_path,
         token_alone=token_alone,
         unet_loras=loras,
+        identifier=identifier,
     )
 
 
@@ -252,7 +260,7 @@ def load_concept(src: ConceptSource) -> Concept:
     if src.tokens and emb:
         rows = []
         for t in src.tokens:
-            v = emb[t].squeeze(0) if emb[t].dim() == 2 and emb[t].shape[0] == 1 else emb[t]
+            v = emb[t]  # (dim,): load_embeddings splits an (n, dim) entry into n tokens
             if tuple(v.shape) != (hidden,):
                 raise ConfigError(
                     f"{src.embedding_path}: {t!r} has shape {tuple(v.shape)}, the text encoder "
@@ -297,7 +305,10 @@ def export_pipeline(concept: Concept, path: str | Path, scheduler: str = "dpm") 
     meta = {
         "placeholder_tokens": src.tokens,
         "category": src.category,
-        "prompt_example": "a photo of " + " ".join([*src.tokens, src.category or ""]).strip(),
+        # '{}' filled as inference fills it: "a photo of a [V] cup"
+        "prompt_example": fill_prompt("a photo of a {}", src.tokens, src.prompt_category)
+        if src.tokens
+        else None,
         "source": src.to_dict(),
     }
 

@@ -1,12 +1,12 @@
 """A LoRA stage's result merged into a U-Net, read the way diffusers reads it.
 
-`stage_<k>/unet_lora/pytorch_lora_weights.safetensors` holds one stage's adapters in the
-format of diffusers' train_dreambooth_lora.py ("unet."-prefixed keys, lora.down / lora.up,
-no metadata: alpha / rank is folded into the up weights, so every reader applies it at
-scale 1). A stage's adapters were trained on the U-Net that the stages before it left, so a
-run's U-Net is the base (or the newest full unet/ folder) with each later LoRA merged in
-stage order. Training merges through the same function, so a resumed run and an
-uninterrupted one hold bitwise the same U-Net.
+`stage_<k>/unet_lora/pytorch_lora_weights.safetensors` holds one stage's adapters as
+diffusers' train_dreambooth_lora.py saves them ("unet."-prefixed keys in peft's names,
+`<module>.lora_A.weight` / `.lora_B.weight`; no metadata: alpha / rank is folded into the
+lora_B weights, so every reader applies it at scale 1). A stage's adapters were trained on
+the U-Net that the stages before it left, so a run's U-Net is the base (or the newest full
+unet/ folder) with each later LoRA merged in stage order. Training merges through the same
+function, so a resumed run and an uninterrupted one hold bitwise the same U-Net.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from attn_utils.config import ConfigError, first_line
+from attn_utils.method.vae import vae_decode
 
 # --dtype spellings, each to one of auto | fp32 | fp16 | bf16
 DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
@@ -61,6 +62,23 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config, schedule
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sample_images(pipe, **kwargs) -> list:
+    """PIL images from pipe(**kwargs), decoded by decode_images (force_upcast honoured)."""
+    return decode_images(pipe, pipe(**kwargs, output_type="latent").images)
+
+
+def decode_images(pipe, latents: torch.Tensor) -> list:
+    """PIL images from the pipeline's final latents (B, C, h, w), as its own decode would make
+    them, but in float32 with autocast off where the VAE's config says float16 overflows it:
+    the pipelines' decode runs under the caller's autocast (attn_utils/method/vae.py)."""
+    vae, mean, std = pipe.vae, None, None
+    stats = [getattr(vae.config, k, None) for k in ("latents_mean", "latents_std")]
+    if is_sdxl_unet(pipe.unet) and None not in stats:  # SD's pipeline ignores them
+        mean, std = (torch.tensor(v, device=latents.device).view(1, -1, 1, 1) for v in stats)
+    image = vae_decode(vae, latents, mean, std)  # (B, 3, H, W)
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def pick_device(name: str, dtype: str):

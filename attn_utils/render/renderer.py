@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from attn_utils.method.capture import capture_cross_attention
 from attn_utils.render.heatmaps import HeatmapController, save_attention, token_columns
+from attn_utils.render.pipeline import sample_images
 from attn_utils.runfiles import (
     image_grid,
     read_prompt_lines,
@@ -71,6 +72,12 @@ def fill(template: str, tokens: list[str], category: str | None) -> str:
     return template.replace("{}", " ".join([*tokens, *([category] if category else [])]))
 
 
+def names_concept(prompt: str, tokens: list[str]) -> bool:
+    """The prompt already holds a placeholder token, written out (as in 'a new_concept_v0 cup')."""
+    words = set(re.findall(r"[^\s,.;:!?()\[\]\"']+", prompt))
+    return any(t in words for t in tokens)
+
+
 def prompt_slugs(prompts: list[str]) -> list[str]:
     """Folder names: the prompt with unsafe runs as '_', plus a hash where that is ambiguous.
 
@@ -95,7 +102,7 @@ def make_jobs(templates: list[str], tokens: list[str], category: str | None) -> 
     """Fill every template, warn about those without {}, drop repeats, name the folders."""
     prompts: dict[str, str] = {}
     for t in templates:
-        if "{}" not in t:
+        if "{}" not in t and not names_concept(t, tokens):
             log.warning("prompt without '{}' is rendered as written: %r", t)
         p = fill(t, tokens, category)
         if p in prompts:
@@ -155,8 +162,9 @@ class Renderer:
         )
         wiring = capture_cross_attention(pipe.unet, ctrl) if ctrl else contextlib.nullcontext()
         with wiring:
-            images = pipe(
-                prompt,
+            images = sample_images(  # the VAE in fp32 where fp16 overflows it (force_upcast)
+                pipe,
+                prompt=prompt,
                 num_images_per_prompt=len(seeds),
                 negative_prompt=o.negative_prompt,
                 height=o.height,
@@ -165,7 +173,7 @@ class Renderer:
                 guidance_scale=o.guidance_scale,
                 latents=latents.to(device=pipe.device, dtype=pipe.unet.dtype),
                 generator=gens,
-            ).images
+            )
         return images, (ctrl.maps() if ctrl else {})
 
     def _columns(self, job: PromptJob) -> dict[str, list[int]]:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from attn_utils import runfiles as rf
-from attn_utils.config import StageConfig
+from attn_utils.config import ConfigError, StageConfig
 from attn_utils.method.capture import TokenStats
 from attn_utils.train import checkpoint as ck
 from attn_utils.train.meter import StepMeter
 from attn_utils.train.methods import writes_embedding
-from attn_utils.train.runtime import TrainingStopped
+from attn_utils.train.records import StageClock
+from attn_utils.train.runtime import TrainingStopped, stage_identity
 from attn_utils.train.stages import save_stage_result
 from attn_utils.train.text_training import trains_text_encoder
 from attn_utils.train.validation import render_validation
@@ -27,15 +28,36 @@ from attn_utils.train.validation import render_validation
 class StageActions:
     """Trainer's side effects: logs, checkpoints, validation images, stage results."""
 
+    def identity(self, k: int) -> dict:
+        """What stage k's fingerprint hashes (runtime.stage_identity)."""
+        return stage_identity(self.cfg, k, self.data_fp, self.model_fp, self.acc.num_processes)
+
+    def _check_reusable(self, k: int, info: dict) -> None:
+        """A completed stage_<k>/ of this run folder must come from the same data and
+        settings; refused naming what changed, and how to keep the stages before it."""
+        if info.get("fingerprint") == self.fingerprint(k):
+            return
+        earlier = [rf.stage_dir(self.run_dir, s.index).name for s in self.cfg.stages
+                   if s.index < k]  # fmt: skip
+        reuse = f" (copy {', '.join(earlier)} into it to reuse them)" if earlier else ""
+        raise ConfigError(
+            f"--output_dir: {rf.stage_dir(self.run_dir, k)} was trained with different data, "
+            f"base model or settings{ck.identity_change(info.get('identity'), self.identity(k))}; "
+            f"use a new --output_dir{reuse}"
+        )
+
     def _read_meter(self, meter: StepMeter, k: int, step: int, sc: StageConfig, bar) -> None:
         """Log the means since the last read; stop if a loss or gradient was not finite."""
-        fresh = meter.steps > 0  # steps since the last read: nothing new to log otherwise
+        steps = meter.steps  # since the last read: nothing new to log when 0
+        fresh = steps > 0
         logs, bad = meter.read()
         if bad is not None:
             raise TrainingStopped(self._nan_message(k, bad[0], bad[1]), 3)
         if not fresh:
             return
         logs["lr"] = sc.learning_rate
+        if self.loss_log is not None:  # the main process's
+            self.loss_log.add(step, steps, logs)
         bar.set_postfix(
             loss=f"{logs['loss']:.4f}", reg=f"{logs['reg']:.4g}", lr=f"{sc.learning_rate:.1e}"
         )
@@ -55,7 +77,8 @@ class StageActions:
     def _checkpoint(self, k, step, params, optimizer, scaler) -> Path | None:
         path = None
         if self.acc.is_main_process:
-            extra = {"fingerprint": self.fingerprint(k), "scaler": scaler.state_dict()}
+            extra = {"fingerprint": self.fingerprint(k), "identity": self.identity(k),
+                     "scaler": scaler.state_dict(), **self.clock.state()}  # fmt: skip
             hold = self.core.hold if self.core is not None else None
             if hold is not None and hold.norms is not None:  # CoRe: the norm [V] is held to
                 extra["norm_hold"] = hold.norms.tolist()
@@ -74,8 +97,11 @@ class StageActions:
         return path or self.run_dir / "checkpoints"
 
     def _resume(self, path: Path, k: int, params, optimizer, scaler) -> int:
-        state = ck.restore_checkpoint(path, self.fingerprint(k), params.named, optimizer, scaler)
+        state = ck.restore_checkpoint(
+            path, self.fingerprint(k), params.named, optimizer, scaler, self.identity(k)
+        )
         step, held = int(state["step"]), state.get("norm_hold")
+        self.clock = StageClock.resumed(state)  # the earlier launches' seconds count too
         if held is not None and self.core is not None and self.core.hold is not None:
             self.core.hold.norms = torch.tensor(held, device=params.embedding.learned.device)
         total = self.cfg.stage(k).train_steps
@@ -102,6 +128,7 @@ class StageActions:
         if self.acc.is_main_process:
             info = {
                 "fingerprint": self.fingerprint(k),
+                "identity": self.identity(k),  # what the fingerprint hashes: names a change
                 "steps": step,
                 "path": str(rf.stage_dir(self.run_dir, k)),
                 "final_logs": getattr(self, "last_logs", {}),

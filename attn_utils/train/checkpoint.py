@@ -142,19 +142,54 @@ def resolve_resume(run_dir: Path, arg: str | None) -> Path | None:
     return p
 
 
+_UNSET = object()
+
+
+def _differences(old: object, new: object, where: str):
+    """(where, old, new) for each leaf that differs between two stage identities."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _differences(old.get(k, _UNSET), new.get(k, _UNSET), f"{where}.{k}")
+    elif where == ".plan" and isinstance(old, list) and isinstance(new, list):
+        for o, n in zip(old, new):  # one entry per stage up to this one
+            yield from _differences(o, n, f" stage {n.get('index')}")
+        if len(old) != len(new):
+            yield "stages", len(old), len(new)
+    elif old != new:
+        yield where.lstrip("."), old, new
+
+
+def _shown(value: object) -> str:
+    text = "unset" if value is _UNSET else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def identity_change(old: dict | None, new: dict) -> str:
+    """' (key: old -> new; ...)' for the settings that differ, or '' when `old` was not
+    recorded (a folder written before identities were)."""
+    if not isinstance(old, dict):
+        return ""
+    found = [f"{k.strip()}: {_shown(o)} -> {_shown(n)}" for k, o, n in _differences(old, new, "")]
+    more = f"; and {len(found) - 3} more" if len(found) > 3 else ""
+    return f" ({'; '.join(found[:3])}{more})" if found else ""
+
+
 def restore_checkpoint(
-    path: Path, fingerprint: str, trainable: dict[str, torch.Tensor], optimizer, scaler
-) -> dict:
+    path: Path, fingerprint: str, trainable: dict[str, torch.Tensor], optimizer, scaler,
+    identity: dict | None = None,
+) -> dict:  # fmt: skip
     """Load a checkpoint into the stage's tensors, optimiser and scaler; return its state
     (state.json: its step and what the loop keeps beside the tensors).
 
-    Refused (naming the flag) when it was written for other data, model, settings or tensors.
+    Refused (naming the flag, and what changed) when it was written for other data, model,
+    settings or tensors.
     """
     state, tensors, opt_state = load_checkpoint(path)
     if state.get("fingerprint") != fingerprint:
+        change = identity_change(state.get("identity"), identity) if identity else ""
         raise ConfigError(
             f"--resume_from_checkpoint: {path} was written with different data, base model "
-            "or settings; refusing to mix them (use a new --output_dir, or pass "
+            f"or settings{change}; refusing to mix them (use a new --output_dir, or pass "
             "--resume_from_checkpoint none to start the stage over)"
         )
     if set(tensors) != set(trainable):

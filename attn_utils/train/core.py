@@ -1,4 +1,4 @@
-"""CoRe (Pang et al., AAAI 2025, arXiv 2408.15914) in the stage loop: its regularisation
+"""CoRe (Wu et al., AAAI 2025, arXiv 2408.15914) in the stage loop: its regularisation
 prompts, its stage-1 micro-step and its norm hold. The math is attn_utils/method/core.py.
 
 Each micro-step draws one regularisation prompt (seeded by the sample, so a resumed stage

@@ -4,7 +4,8 @@ SD 1.x / 2.x keep the paper's recipe unchanged. On SDXL the attndreambooth recip
 are ours, not the paper's (the paper trained SD 2.1-base only); each comes from a diffusers
 SDXL example, or says why not (docs/sdxl.md):
 
-  resolution 1024       SDXL's native size (both SDXL examples train at 1024 or 768)
+  resolution 1024       SDXL's native size, read from the model as for every family (both
+                        SDXL examples train at 1024 or 768)
   layout                batch 1 x gradient accumulation 4 in every stage: the examples'
                         (train_batch_size 1, gradient_accumulation_steps 4), which fits a
                         1024 px SDXL step in one GPU's memory
@@ -26,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 
-from attn_utils.config import PAPER_STAGES, ConfigError
-from attn_utils.families import detect_family
+from attn_utils.config import PAPER_STAGES, ConfigError, RunConfig
+from attn_utils.models import base_facts
 
+# --resolution's default is the model's native size (U-Net sample_size x VAE factor: 512 for
+# SD 2.1-base and SD 1.5, 768 for SD 2.1, 1024 for SDXL); these stand in when the configs
+# do not say (a --dry_run guessing a Hub id's family by its name).
 SDXL_RESOLUTION = 1024
 SD_RESOLUTION = 512  # the paper's (SD 2.1-base)
 SDXL_REG_SCALE = 8  # the paper's batch 8 over our batch 1 (docs/sdxl.md)
@@ -60,11 +64,31 @@ SDXL_REFUSED = {
 
 
 def resolve_family(ns: argparse.Namespace) -> str:
-    """The base model's family, read from its files (no load); fills in --resolution."""
-    family = detect_family(ns.pretrained_model_name_or_path, ns.revision)
+    """The base model's family, read from its config files (no weights) before any default;
+    fills in --resolution (the model's native size) and ns.family / ns.family_guess, which
+    the RunConfig records. Files that cannot be read leave a guess from the name, which only
+    a plan may rest on: a run stops when load_base_model reads the files (one ConfigError)."""
+    name = ns.pretrained_model_name_or_path
+    facts = base_facts(name, ns.revision, ns.local_files_only, guess=True)
+    default = SDXL_RESOLUTION if facts.family == "sdxl" else SD_RESOLUTION
+    ns.family, ns.family_guess = facts.family, None
+    if facts.guess:
+        ns.family_guess = f"{facts.family}, guessed from the name {name!r}: {facts.guess}"
     if ns.resolution is None:
-        ns.resolution = SDXL_RESOLUTION if family == "sdxl" else SD_RESOLUTION
-    return family
+        ns.resolution = facts.resolution or default
+        if facts.guess:
+            ns.family_guess += f"; resolution: the family's default {default}, a guess too"
+    return facts.family
+
+
+def refuse_a_guessed_family(cfg: RunConfig) -> None:
+    """One ConfigError for a run whose defaults rest on a family guessed from the name (its
+    files, unreadable when the flags were resolved, loaded a moment later): only a plan may."""
+    if cfg.family_guess is not None:
+        raise ConfigError(
+            f"--pretrained_model_name_or_path: the defaults were resolved while the model's "
+            f"files could not be read ({cfg.family_guess}); run again"
+        )
 
 
 def family_presets(ns: argparse.Namespace, presets: dict[int, dict], family: str) -> dict:

@@ -12,6 +12,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
+from attn_utils.method.vae import vae_encode
 from attn_utils.train.data import _seed, augment_with_crop
 
 
@@ -58,8 +59,7 @@ class LatentPool:
         means, stds = [], []
         with torch.no_grad():
             for start in range(0, len(pixels), batch_size):
-                x = torch.stack(pixels[start : start + batch_size]).to(device, vae.dtype)
-                dist = vae.encode(x).latent_dist
+                dist = vae_encode(vae, torch.stack(pixels[start : start + batch_size]))
                 means.append(dist.mean.float())
                 stds.append(dist.std.float())
         self.mean = torch.cat(means)  # (P, 4, h, w)

@@ -89,7 +89,7 @@ CORE_STAGE_3 = dict(
     learning_rate=2e-6, train_steps=1000, batch_size=4, gradient_accumulation_steps=1,
     validation_steps=250, flip_p=0.5, rotate_p=0.0, rotate_degrees=0.0, **NO_REG,
 )  # fmt: skip
-CORE_SOURCE = "Pang et al., CoRe, AAAI 2025 (arXiv 2408.15914), and its authors' launch script"
+CORE_SOURCE = "Wu et al., CoRe, AAAI 2025 (arXiv 2408.15914), and its authors' launch script"
 DREAMBOOTH_PRIOR = dict(with_prior_preservation=True, num_class_images=200, prior_loss_weight=1.0)
 TI_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/textual_inversion"
 DB_SOURCE = "https://github.com/huggingface/diffusers/tree/main/examples/dreambooth"

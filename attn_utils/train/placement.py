@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from attn_utils.config import ConfigError
+from attn_utils.method.vae import vae_weight_dtype
 
 # The blocks that regional compilation compiles: every transformer and resnet block of SD's
 # U-Net (16 + 22 in SD2.1); each compiles once per distinct shape and is then reused.
@@ -25,10 +26,10 @@ def place_models(trainer) -> None:
     for m in (trainer.text_encoder, trainer.vae, trainer.unet):
         m.requires_grad_(False)
     trainer.text_encoder.to(device).eval()
-    # The VAE is frozen and only encodes: half precision is safe and halves its cost.
+    # The VAE is frozen and only encodes: half precision halves its cost, except fp16 where
+    # its config says force_upcast (SDXL's VAE overflows fp16): that one stays fp32.
     trainer.vae.to(device).eval()
-    if trainer.autocast_dtype is not None:
-        trainer.vae.to(dtype=trainer.autocast_dtype)
+    trainer.vae.to(dtype=vae_weight_dtype(trainer.vae, trainer.autocast_dtype))
     trainer.unet.to(device)  # fp32 master weights in every mode
     if cfg.channels_last:
         trainer.unet.to(memory_format=torch.channels_last)

@@ -3,7 +3,8 @@ stream of the data, and the loss over one batch that concatenates instance and c
 
 Class images live in their own folder (--class_data_dir), never among the instance images.
 Missing ones are sampled with the base model already in memory, before any stage changes
-it; each is written atomically, so an interrupted generation resumes where it stopped.
+it, by every process (its share of the batches); each is written atomically, so an
+interrupted generation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -26,10 +28,12 @@ from attn_utils.method.step import denoise_losses, encode_latents
 from attn_utils.sdxl import is_sdxl
 from attn_utils.train.conditioning import encode_text, split_batch, unet_cond
 from attn_utils.train.data import InstanceDataset, _seed
+from attn_utils.train.runtime import EXIT_OTHER_PROCESS, TrainingStopped, first_failed_process
 
 log = logging.getLogger(__name__)
 
 PRIOR_STAGE = 3  # the stage that trains the whole U-Net takes the prior term
+T = TypeVar("T")
 
 
 def class_image_files(folder: Path) -> list[Path]:
@@ -57,6 +61,18 @@ def load_class_images(files: list[Path]) -> list[Image.Image]:
     return images
 
 
+def class_name(i: int) -> str:
+    """Image i's file name: the same on every process and every launch."""
+    return f"class_{i:05d}.png"
+
+
+def missing_class_indices(folder: Path, n: int) -> list[int]:
+    """The indices to generate: the first n - (images present) without their file."""
+    have = class_image_files(folder)
+    names = {p.name for p in have}
+    return [i for i in range(n) if class_name(i) not in names][: max(0, n - len(have))]
+
+
 def generate_class_images(
     folder: Path,
     n: int,
@@ -64,37 +80,92 @@ def generate_class_images(
     batch_size: int,
     seed: int,
     show_bar: bool = True,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    agree: Callable[[bool], int | None] | None = None,
 ) -> int:
-    """Top the folder up to n images; return how many were made.
+    """Top the folder up to n images; return how many this process made.
 
     Image i is class_<i>.png from the noise of its own seed, so a generation interrupted
-    and resumed writes the same files as one that ran through. Each file is written under a
-    hidden name, then renamed: a partial file is never counted.
+    and resumed writes the same files as one that ran through. The missing images are cut
+    into batches in index order, as one process would cut them, and batch j goes to process
+    j % world: each image is computed in the same batch whatever the number of processes,
+    so the files are the same bytes. Each file is written under a hidden name, then renamed:
+    a partial file is never counted.
+
+    `agree(failed)` is called at the same points on every process (a barrier): it returns
+    the first process that failed, or None; one process alone needs none.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    for tmp in folder.glob(".tmp-class_*"):  # left by an interrupted write
-        tmp.unlink(missing_ok=True)
-    have = class_image_files(folder)
-    load_class_images(have)  # refuse an unreadable folder before spending time on it
-    names = {p.name for p in have}
-    todo = [i for i in range(n) if f"class_{i:05d}.png" not in names][: max(0, n - len(have))]
-    bar = tqdm(total=len(todo), desc="class images", disable=not show_bar, dynamic_ncols=True)
+    agree = agree or (lambda failed: rank if failed else None)
+
+    def clean() -> None:  # one process only: another's .tmp-* may be a write in progress
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            for tmp in folder.glob(".tmp-class_*"):  # left by an interrupted write
+                tmp.unlink(missing_ok=True)
+
+    def todo() -> list[int]:
+        load_class_images(class_image_files(folder))  # refuse an unreadable folder early
+        return missing_class_indices(folder, n)
+
+    def complete() -> None:
+        left = missing_class_indices(folder, n)
+        if left:
+            raise ConfigError(
+                f"--class_data_dir: {shown(folder)}: {len(left)} class image(s) missing after "
+                "generation (several machines must share this folder)"
+            )
+
+    _together(clean, agree)
+    missing = _together(todo, agree)  # every process lists before any writes
+    batches = [missing[s : s + batch_size] for s in range(0, len(missing), batch_size)]
+    mine = batches[rank::world]
+    _together(lambda: _write_batches(folder, mine, sample, seed, show_bar), agree)
+    _together(complete, agree)
+    return sum(len(b) for b in mine)
+
+
+def _write_batches(
+    folder: Path, batches: list[list[int]], sample, seed: int, show_bar: bool
+) -> None:
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc="class images", disable=not show_bar, dynamic_ncols=True)
     with bar:
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start : start + batch_size]
+        for idx in batches:
             images = sample([_seed(seed, "class-image", i) for i in idx])
             for i, img in zip(idx, images):
-                final = folder / f"class_{i:05d}.png"
+                final = folder / class_name(i)
                 tmp = folder / f".tmp-{final.name}"
                 img.save(tmp, format="PNG")
                 os.replace(tmp, final)
                 bar.update(1)
-    return len(todo)
+
+
+def _together(step: Callable[[], T], agree: Callable[[bool], int | None]) -> T:
+    """Run step here, then learn whether it failed anywhere: a process whose own step failed
+    raises its error; the others stop at once instead of waiting for it."""
+    try:
+        out = step()
+    except Exception:
+        try:
+            agree(True)
+        except TrainingStopped:  # no answer from the others: this process's error matters more
+            pass
+        raise
+    first = agree(False)
+    if first is not None:
+        raise TrainingStopped(
+            f"class images: process {first} failed (its error is in its own output); the "
+            "images written so far are kept: launch the same command again to go on",
+            EXIT_OTHER_PROCESS,
+        )
+    return out
 
 
 def trainer_sampler(trainer) -> Callable[[list[int]], list[Image.Image]]:
     """Sample the class prompt with the resident base modules (nothing is reloaded)."""
-    from attn_utils.render.pipeline import make_pipeline
+    from attn_utils.render.pipeline import make_pipeline, sample_images
     from attn_utils.render.renderer import initial_latents
     from attn_utils.train.validation import sampling_mode
 
@@ -105,13 +176,14 @@ def trainer_sampler(trainer) -> Callable[[list[int]], list[Image.Image]]:
 
     def sample(seeds: list[int]) -> list[Image.Image]:
         with sampling_mode(tr):
-            return pipe(
-                [cfg.class_prompt] * len(seeds),
+            return sample_images(  # its decode honours the VAE's force_upcast under fp16
+                pipe,
+                prompt=[cfg.class_prompt] * len(seeds),
                 latents=initial_latents(seeds, shape).to(tr.device),
                 num_inference_steps=cfg.class_inference_steps,
                 height=cfg.resolution,
                 width=cfg.resolution,
-            ).images
+            )
 
     return sample
 
@@ -127,22 +199,25 @@ class Prior:
 
 
 def setup_prior(trainer) -> Prior | None:
-    """Generate missing class images (main process; the others wait), then load them all."""
+    """Generate missing class images (every process its share), then load them all."""
     cfg, acc = trainer.cfg, trainer.acc
     if not cfg.with_prior_preservation:
         return None
     folder = Path(cfg.class_data_dir)
-    if acc.is_main_process:
-        made = generate_class_images(
-            folder,
-            cfg.num_class_images,
-            trainer_sampler(trainer),
-            cfg.sample_batch_size,
-            cfg.seed,
-        )
-        if made:
-            log.info("generated %d class image(s) in %s", made, folder)
-    acc.wait_for_everyone()
+    made = generate_class_images(
+        folder,
+        cfg.num_class_images,
+        trainer_sampler(trainer),
+        cfg.sample_batch_size,
+        cfg.seed,
+        show_bar=acc.is_local_main_process,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        agree=lambda failed: first_failed_process(failed, trainer.device),
+    )
+    if made:
+        log.info("process %d of %d generated %d class image(s) in %s",
+                 acc.process_index, acc.num_processes, made, folder)  # fmt: skip
     files = class_image_files(folder)[: cfg.num_class_images]
     if len(files) < cfg.num_class_images:
         raise ConfigError(f"--class_data_dir: {folder} holds {len(files)} class image(s), "

@@ -1,5 +1,6 @@
 """Run-time pieces the step loop delegates to: stop requests, the optimiser, fingerprints,
-and the few numbers all processes must agree on (finiteness, stop requests, checksums)."""
+and the few numbers all processes must agree on (finiteness, stop requests, checksums,
+failures) and the process-group timeout."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import hashlib
 import json
 import logging
 import signal
+from datetime import timedelta
 
 import torch
 
-from attn_utils.config import ConfigError, RunConfig, StageConfig
+from attn_utils.config import ConfigError, RunConfig, StageConfig, first_line
 from attn_utils.train.methods import recipe_identity
 
 log = logging.getLogger(__name__)
 
 
+EXIT_OTHER_PROCESS = 5  # another process failed, or did not answer within --ddp_timeout
+
+
 class TrainingStopped(Exception):
-    """Raised after a clean stop (signal or non-finite loss); carries the exit code."""
+    """Raised after a clean stop (signal, non-finite loss, another process's failure);
+    carries the exit code."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -96,7 +102,13 @@ def _stage_identity(s: StageConfig) -> dict:
 
 
 def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, world: int):
-    """Everything that determines a stage's math; resuming across a change is refused."""
+    """Everything that determines a stage's math, hashed; resuming across a change is refused."""
+    ident = stage_identity(cfg, stage, data_fp, model_fp, world)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def stage_identity(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, world: int) -> dict:
+    """What stage_fingerprint hashes, as JSON; recorded so that a refusal can name the change."""
     plan = [_stage_identity(s) for s in cfg.stages if s.index <= stage]
     ident = dict(
         plan=plan,
@@ -125,7 +137,7 @@ def stage_fingerprint(cfg: RunConfig, stage: int, data_fp: str, model_fp: str, w
         mixed_precision=cfg.mixed_precision,
         **recipe_identity(cfg),  # --method, prior preservation and the like; {} by default
     )
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return json.loads(json.dumps(ident))  # as it reads back from a file (tuples -> lists)
 
 
 def _world() -> int:
@@ -191,6 +203,37 @@ def stop_requested(stop: StopRequest, device: torch.device) -> bool:
     if flag.item() and stop.signum is None:
         stop.signum = int(flag.item())
     return bool(flag.item())
+
+
+def process_group_kwargs(timeout_s: float):
+    """accelerate's handler that sets every collective's timeout (--ddp_timeout)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+
+
+def first_failed_process(failed: bool, device: torch.device) -> int | None:
+    """The lowest process index that reports failure (this one's included), or None.
+
+    Several processes: a collective, and so a barrier, that every process must reach at the
+    same point; a process that never comes is waited for up to --ddp_timeout, then this one
+    stops (TrainingStopped) instead of hanging.
+    """
+    world = _world()
+    if world == 1:
+        return 0 if failed else None
+    dist = torch.distributed
+    flag = torch.tensor([dist.get_rank() if failed else world], device=device)
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    except RuntimeError as e:  # gloo's timeout, or a peer that has gone
+        raise TrainingStopped(
+            "another process did not answer within --ddp_timeout, or has gone "
+            f"({first_line(e, 200)})",
+            EXIT_OTHER_PROCESS,
+        ) from None
+    first = int(flag.item())
+    return None if first == world else first
 
 
 def rank_checksums(params: list[torch.nn.Parameter], device: torch.device) -> list[list[float]]:

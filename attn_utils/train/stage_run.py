@@ -39,4 +39,3 @@ class StageRun:
     capture: contextlib.AbstractContextManager
     start: int  # the step it resumed at (0: from the beginning)
     step: int  # optimiser steps done
-    t0: float = 0.0  # when the loop started (perf_counter)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from attn_utils.train.placement import (
 from attn_utils.train.prior import encode_class_prompt, prior_losses, setup_prior
 from attn_utils.train.profiling import StageProfiler
 from attn_utils.train.prompts import concept_token_ids, prompt_ids, training_prompts
+from attn_utils.train.records import LossLog, StageClock
 from attn_utils.train.runtime import (
     StopRequest,
     TrainingStopped,
@@ -184,11 +184,7 @@ class Trainer(StageActions):
         cfg, acc = self.cfg, self.acc
         info = rf.stage_info(self.run_dir, stage)
         if info is not None:
-            if info.get("fingerprint") != self.fingerprint(stage):
-                raise ConfigError(
-                    f"--output_dir: {rf.stage_dir(self.run_dir, stage)} was trained with "
-                    "different data, base model or settings; use a new --output_dir"
-                )
+            self._check_reusable(stage, info)
             if not superseded(self.run_dir, stage):  # a later full U-Net holds this one
                 load_stage_result(
                     self.run_dir,
@@ -253,17 +249,18 @@ class Trainer(StageActions):
         encodes = k == 1 or trains_text_encoder(cfg, k) or tuned is not None
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.core = core_state(cfg, sc, self.tokenizer, self.token_ids, self.device)  # or None
-        start = 0
+        start, self.clock = 0, StageClock()
         if resume is not None and resume.name.startswith(f"checkpoint-s{k}-"):
-            start = self._resume(resume, k, params, optimizer, scaler)
+            start = self._resume(resume, k, params, optimizer, scaler)  # and its clock
+        self.loss_log = LossLog(self.run_dir, k, start) if acc.is_main_process else None
         unet = self.unet
         if k >= 2 and acc.num_processes > 1:
             unet = torch.nn.parallel.DistributedDataParallel(
                 self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        # diffusers checkpoints only in train mode; CoRe's three forwards capture differently,
-        # which a recompute in the backward pass could not repeat; adapter dropout needs it
-        self.unet.train(cfg.gradient_checkpointing and self.core is None or sc.lora_dropout > 0)
+        # Train mode only for adapter dropout: the U-Net has no other, and diffusers (0.32 and
+        # later) checkpoints whenever gradients are on, in either mode
+        self.unet.train(sc.lora_dropout > 0)
         stats = TokenStats(merge_last=self.columns.shape[1] - len(self.token_ids))
         stats.columns = self.columns  # (1, k + category columns), on the device
         bar = tqdm(total=sc.train_steps, initial=start, desc=f"stage {k}",
@@ -282,7 +279,7 @@ class Trainer(StageActions):
         reset_peak(self.device)
         if cfg.validate_before_training and start == 0:
             self._validate(k, 0, stats)
-        run.t0 = time.perf_counter()
+        self.clock.start()
         return run
 
     def _capture(self, sc: StageConfig, stats: TokenStats):
@@ -342,13 +339,13 @@ class Trainer(StageActions):
         """Final validation, then the stage result (which supersedes its checkpoints)."""
         k = run.sc.index
         run.prof.finish()
-        train_s = time.perf_counter() - run.t0
+        clock = self.clock.state()  # the loop's seconds, over every launch of the stage
         checksums = rank_checksums(run.plist, self.device)
         if self.cfg.validation_prompt and run.sc.validation_steps:
             self._validate(k, run.step, run.stats)
         lora = {"lora": lora_info(run.sc, run.params.named)} if run.params.lora else {}
         lora_state = finish_trainable(k, run.params, self.text_encoder, self.unet)
-        timing = {"train_seconds": round(train_s, 3), **peak_memory(self.device), **lora}
+        timing = {**clock, **peak_memory(self.device), **lora}
         self._save_stage(k, run.step, checksums, timing, lora_state)
 
     def _losses(self, unet, batch, text, gen, stats: TokenStats, sc: StageConfig):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from attn_utils.method.tokens import fill_prompt
-from attn_utils.render.pipeline import make_pipeline
+from attn_utils.render.pipeline import make_pipeline, sample_images
 from attn_utils.runfiles import image_grid
 from attn_utils.sdxl import is_sdxl
 
@@ -40,8 +40,10 @@ def encode_validation_prompt(trainer) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def sampling_mode(trainer) -> Iterator[None]:
-    """U-Net in eval mode, VAE in fp32 (half-precision decodes can overflow), the run's
-    autocast, no gradients; the training state comes back on exit."""
+    """U-Net in eval mode, VAE weights in fp32, the run's autocast, no gradients; the
+    training state comes back on exit. Autocast would still run the VAE's decode in half
+    precision: sample with render.pipeline.sample_images, whose decode turns autocast off
+    where fp16 overflows the VAE (force_upcast)."""
     unet, vae = trainer.unet, trainer.vae
     was_training, vae_dtype = unet.training, vae.dtype
     unet.eval()
@@ -76,13 +78,14 @@ def render_validation(trainer, out: Path) -> Path:
             text = {"prompt": [fill_prompt(cfg.validation_prompt, cfg.placeholder_tokens)] * n}
         else:
             text = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
-        images = pipe(
+        images = sample_images(
+            pipe,
             **text,
             generator=gen,
             num_inference_steps=cfg.validation_inference_steps,
             height=cfg.resolution,
             width=cfg.resolution,
-        ).images
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     image_grid(images).save(tmp, format="PNG")
