@@ -24,14 +24,6 @@ NAME = "new_concept"  # --placeholder_token's default
 TOKENS = vector_tokens(NAME, 2)  # new_concept_v0, new_concept_v1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def two_vector_run(tiny_model, concept, tmp_path_factory) -> Path:
     """Stage 1 of AttnDreamBooth with --n_object_embedding 2 ('wombat' is 'wom' + 'bat')."""
