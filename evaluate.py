@@ -23,6 +23,7 @@ from pathlib import Path
 from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError
 from attn_utils.evaluate.study_sync import DEFAULT_WAIT_S
+from attn_utils.model_defaults import MODEL_DEFAULTS, model_defaults
 from attn_utils.runfiles import writable_dir
 
 log = logging.getLogger("evaluate")
@@ -33,8 +34,13 @@ def add_metric_flags(p: argparse.ArgumentParser) -> None:
     from attn_utils.evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
     g = p.add_argument_group("metric models")
-    g.add_argument("--clip_model", default=DEFAULT_CLIP, help=f"hub id or folder ({DEFAULT_CLIP})")
-    g.add_argument("--dino_model", default=DEFAULT_DINO, help=f"hub id or folder ({DEFAULT_DINO})")
+    own = f"the base model folder's {MODEL_DEFAULTS} (the toy world's: models/toyworld/"
+    g.add_argument(
+        "--clip_model", help=f"hub id or folder (default: {own}clip), else {DEFAULT_CLIP})"
+    )
+    g.add_argument(
+        "--dino_model", help=f"hub id or folder (default: {own}dino), else {DEFAULT_DINO})"
+    )
     g.add_argument(
         "--clip_t_text",
         choices=["category", "removed"],
@@ -45,8 +51,8 @@ def add_metric_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--oracle_model",
         metavar="DIR",
-        help="an oracle of a procedural world (the toy world's: models/toyworld/oracle): adds "
-        "the Oracle column, the fraction of the attributes a prompt names that it sees",
+        help="an oracle of a procedural world: adds the Oracle column, the fraction of the "
+        f"attributes a prompt names that it sees (default: {own}oracle), else none)",
     )
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     g.add_argument("--batch_size", type=int, default=32, metavar="N", help="images per batch")
@@ -155,6 +161,20 @@ def _models_loader(ns: argparse.Namespace, local_rank: int = 0, world: int = 1):
     return load
 
 
+def fill_metric_models(ns: argparse.Namespace, base_model: str | None) -> None:
+    """Unset --clip_model / --dino_model / --oracle_model: the base model folder's own (the toy
+    world's metric models beside its base model), else the Hub's CLIP and DINO and no oracle."""
+    from attn_utils.evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO
+
+    own = model_defaults(base_model).get("metric_models", {})
+    fallback = {"clip_model": DEFAULT_CLIP, "dino_model": DEFAULT_DINO, "oracle_model": None}
+    for flag, default in fallback.items():
+        if getattr(ns, flag) is None:
+            setattr(ns, flag, own.get(flag, default))
+            if flag in own:
+                log.info("--%s: %s (from %s's %s)", flag, own[flag], base_model, MODEL_DEFAULTS)
+
+
 def _check(ns: argparse.Namespace) -> None:
     if ns.batch_size < 1:
         raise ConfigError("--batch_size: must be >= 1")
@@ -166,6 +186,7 @@ def run_eval(ns: argparse.Namespace) -> int:
     _check(ns)
     index, _ = read_index(ns.samples_dir)  # before loading any model
     category = ns.category or index.get("settings", {}).get("category")
+    fill_metric_models(ns, index.get("settings", {}).get("model"))
     if not category:
         raise ConfigError("--category: needed (index.json names no category)")
     if not Path(ns.instance_data_dir).is_dir():
@@ -215,6 +236,7 @@ def study_plan_of(ns: argparse.Namespace):
     from attn_utils.render.renderer import read_prompt_file
 
     _check(ns)
+    fill_metric_models(ns, ns.pretrained_model_name_or_path)
     if ns.num_images_per_prompt < 1:
         raise ConfigError("--num_images_per_prompt: must be >= 1")
     if not ns.wait_timeout > 0:

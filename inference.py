@@ -18,6 +18,7 @@ from pathlib import Path
 
 from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError, first_line, load_run_config
+from attn_utils.model_defaults import MODEL_DEFAULTS, render_defaults
 from attn_utils.render.pipeline import DTYPES, pick_device
 from attn_utils.runfiles import writable_dir
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_attention_maps",
         action="store_true",
         help="per image: cross-attention heatmaps of the placeholder and of the category, "
-        "over layers and steps (<slug>/attention/)",
+        "over layers and steps, on one scale from 0 with a colour bar (<slug>/attention/)",
     )
     pr.add_argument(
         "--export_pipeline",
@@ -95,15 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="image i of every prompt starts from the noise of seed + i, whatever the batch "
         "size, so results compare across prompts, checkpoints and runs (default: random, logged)",
     )
-    sm.add_argument("--num_inference_steps", type=int, default=50, metavar="N", help="default 50")
+    # Unset, these three come from the base model folder's attndreambooth_defaults.json (the
+    # toy world's: the settings it was measured with), else the paper's.
     sm.add_argument(
-        "--infer_scheduler",
-        default="dpm",
-        help="dpm (DPMSolverMultistepScheduler, default), ddim, euler, ddpm, pndm; "
-        "the diffusers class names work too",
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"default: the base model folder's {MODEL_DEFAULTS}, else 50",
     )
     sm.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="default 7.5; <= 1: no guidance"
+        "--infer_scheduler",
+        default=None,
+        help="dpm (DPMSolverMultistepScheduler), ddim, euler, ddpm, pndm; the diffusers class "
+        f"names work too (default: the base model folder's {MODEL_DEFAULTS}, else dpm)",
+    )
+    sm.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help=f"<= 1: no guidance (default: the base model folder's {MODEL_DEFAULTS}, else 7.5)",
     )
     sm.add_argument("--negative_prompt", default=None, metavar="TEXT")
     sm.add_argument(
@@ -138,10 +150,27 @@ def check_run_dir(run_dir: str) -> None:
         ) from None
 
 
+def base_model_of(ns: argparse.Namespace) -> str | None:
+    """The base model the flags name: --pretrained_model_name_or_path, else the run's."""
+    if ns.pretrained_model_name_or_path or ns.run_dir is None:
+        return ns.pretrained_model_name_or_path
+    return load_run_config(Path(ns.run_dir)).pretrained_model_name_or_path
+
+
+def fill_render_defaults(ns: argparse.Namespace) -> None:
+    """Unset sampler flags from the base model folder's MODEL_DEFAULTS, else the paper's."""
+    defaults = render_defaults(base_model_of(ns))
+    for flag, key in (("infer_scheduler", "scheduler"), ("num_inference_steps", None),
+                      ("guidance_scale", None)):  # fmt: skip
+        if getattr(ns, flag) is None:
+            setattr(ns, flag, defaults[key or flag])
+
+
 def check_args(ns: argparse.Namespace) -> None:
     """Every check that needs no model, --run_dir's first: one ConfigError naming the flag."""
     if ns.run_dir is not None:  # a mistyped folder is the likeliest mistake: said first
         check_run_dir(ns.run_dir)
+    fill_render_defaults(ns)
     for flag in ("num_images_per_prompt", "infer_batch_size", "num_inference_steps"):
         if getattr(ns, flag) < 1:
             raise ConfigError(f"--{flag}: must be >= 1")

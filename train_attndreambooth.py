@@ -17,6 +17,7 @@ from pathlib import Path
 from attn_utils import runfiles as rf
 from attn_utils.argparsing import Parser
 from attn_utils.config import ConfigError, RunConfig
+from attn_utils.model_defaults import render_argv
 from attn_utils.run_flags import add_run_flags, add_stage_flags
 from attn_utils.runfiles import writable_dir
 from attn_utils.train.family_defaults import refuse_a_guessed_family
@@ -117,6 +118,9 @@ def finished(cfg: RunConfig) -> str:
         sys.executable, _here("inference.py"), "--run_dir", str(run), "--prompt", prompt,
         "--save_dir", str(run / "samples"),
     ]  # fmt: skip
+    # the sampler the base model folder says it was measured with (the toy world's), shown in
+    # the command; inference.py takes the same when the flags are left out
+    command += render_argv(cfg.pretrained_model_name_or_path)
     what = (
         f"identifier: {tokens} (an existing word, not learned: the U-Net learned the concept; "
         if cfg.identifier is not None  # dreambooth: no token is added or trained

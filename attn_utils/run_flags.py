@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from attn_utils.config import PAPER_STAGES, STAGE_NAMES, STAGE_TITLES
+from attn_utils.config import PAPER_STAGES, STAGE_KEYS, STAGE_NAMES, STAGE_TITLES, ConfigError
 
 
 def add_stage_flags(p: argparse.ArgumentParser) -> None:
@@ -170,3 +170,15 @@ def _seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
+
+
+def refuse_absent_stage_flags(ns: argparse.Namespace, method: str, stages: set[int]) -> None:
+    """One ConfigError naming every given flag of a stage `method` lacks (not one at a time)."""
+    absent = [(i, f"--{p}_{k}") for i, p in STAGE_NAMES.items() if i not in stages
+              for k in STAGE_KEYS if getattr(ns, f"{p}_{k}", None) is not None]  # fmt: skip
+    if absent:
+        raise ConfigError(
+            f"{', '.join(f for _, f in absent)}: --method {method} has no stage "
+            f"{' or '.join(sorted({str(i) for i, _ in absent}))} (its stages' flags: "
+            f"{', '.join(f'--{STAGE_NAMES[i]}_*' for i in sorted(stages))})"
+        )

@@ -187,6 +187,18 @@ def test_the_closing_lines_call_only_a_learned_token_learned(tmp_path, method):
     assert lines[-1].startswith(f"  render: {shlex.join([sys.executable])} ")
 
 
+def test_the_closing_command_on_the_toy_model_renders_as_the_toy_world_was_measured():
+    """The toy base model's folder names its sampler (the report's DDIM 30 steps, guidance 4):
+    the printed command says it; a model without such a file gets no sampler flags."""
+    toy = str(ROOT / "models" / "toyworld" / "base")
+    cfg, _ = train_attndreambooth.parse_args([*BASE[:1], toy, *BASE[2:]])
+    command = shlex.split(train_attndreambooth.finished(cfg).splitlines()[-1])
+    flags = ["--infer_scheduler", "ddim", "--num_inference_steps", "30", "--guidance_scale", "4"]
+    assert command[-6:] == flags
+    cfg, _ = train_attndreambooth.parse_args(BASE)
+    assert "--guidance_scale" not in train_attndreambooth.finished(cfg)
+
+
 DEMO_IDENTITY_MARGIN = 0.09  # CLIP-I: half the measured rise; run-to-run noise on one machine is 0
 DEMO_DINO_MARGIN = 0.05  # DINO: half the measured rise
 DEMO_ORACLE_FLOOR = 0.53  # the learned concept's measured 0.708, less a quarter

@@ -326,3 +326,39 @@ def test_prompt_without_images_is_one_error_and_writes_nothing(metric_dirs, tmp_
     assert line.startswith("error: --samples_dir:") and "index.json" in line
     assert "'a new_concept_v0 sloth in the snow'" in line
     assert not list(samples.glob("metrics.*"))
+
+
+def test_a_toy_run_is_scored_with_the_toy_metric_models_and_oracle_by_itself(
+    tmp_path, capsys, monkeypatch
+):
+    """Samples of the shipped toy base model (index.json's model) need no metric-model flags:
+    its folder names models/toyworld/clip, dino and oracle, even offline with an empty cache;
+    where those are missing the error names them, not the Hub's models."""
+    from attn_utils.model_defaults import MODEL_DEFAULTS
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(metrics_mod, "hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    toy = ROOT / "models" / "toyworld"
+    samples = fake_samples(tmp_path / "samples", per_prompt=1, category="toy")
+    index = json.loads((samples / "index.json").read_text())
+    index["settings"]["model"] = str(toy / "base")
+    (samples / "index.json").write_text(json.dumps(index))
+    argv = ["--samples_dir", str(samples), "--instance_data_dir", str(real_dir(tmp_path / "r"))]
+    assert evaluate.main(argv) == 0
+    got = json.loads((samples / "metrics.json").read_text())
+    settings = got["settings"]
+    assert (
+        Path(settings["clip_model"]) == toy / "clip"
+        and Path(settings["dino_model"]) == toy / "dino"
+    )
+    assert Path(settings["oracle_model"]) == toy / "oracle" and "oracle" in got["overall"]
+    capsys.readouterr()
+    lone = tmp_path / "lone" / "base"  # the base model copied without its metric models
+    lone.mkdir(parents=True)
+    shutil.copy(toy / "base" / MODEL_DEFAULTS, lone / MODEL_DEFAULTS)
+    index["settings"]["model"] = str(lone)
+    (samples / "index.json").write_text(json.dumps(index))
+    line, _ = cli_error(lambda a: evaluate.main(a), capsys, argv)
+    assert str(tmp_path / "lone" / "clip") in line and str(tmp_path / "lone" / "dino") in line
+    assert "hf download" not in line and metrics_mod.DEFAULT_CLIP not in line, line

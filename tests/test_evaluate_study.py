@@ -364,3 +364,25 @@ def test_study_rows_for_the_baselines(tiny_model, concept, tmp_path):
     ).is_file()
     assert len(list((c / "run-dreambooth" / "class_images").glob("*.png"))) == 2
     assert evaluate.main([str(a) for a in argv], runner=_never) == 0  # all done: nothing redone
+
+
+def test_a_study_of_the_toy_base_model_scores_with_its_metric_models_by_itself(tmp_path):
+    """--pretrained_model_name_or_path models/toyworld/base without metric-model flags: the
+    toy CLIP, DINO and oracle shipped beside it; explicit flags still win."""
+    toy = ROOT / "models" / "toyworld"
+    (tmp_path / "concepts.json").write_text(json.dumps([{"dir": str(tmp_path), "category": "toy"}]))
+    (tmp_path / "prompts.txt").write_text("a {} in the snow\n")
+    argv = [
+        "--concepts",
+        str(tmp_path / "concepts.json"),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+    ]
+    argv += ["--out", str(tmp_path / "out"), "--pretrained_model_name_or_path", str(toy / "base")]
+    got = evaluate.study_plan_of(evaluate.build_study_parser().parse_args(argv)).metric_settings
+    assert [Path(got[k]) for k in ("clip_model", "dino_model", "oracle_model")] == [
+        toy / "clip", toy / "dino", toy / "oracle"
+    ]  # fmt: skip
+    argv += ["--clip_model", "someone/clip"]
+    got = evaluate.study_plan_of(evaluate.build_study_parser().parse_args(argv)).metric_settings
+    assert got["clip_model"] == "someone/clip" and Path(got["dino_model"]) == toy / "dino"

@@ -146,6 +146,30 @@ def test_layer_grid():
         layer_grid(7, (8, 8))
 
 
+def test_heatmaps_share_one_scale_so_flat_attention_looks_flat():
+    """[V] and its category on one scale from 0 (a colour bar under them): a near-uniform map
+    (about 1/77 everywhere, with noise) stays one colour beside a peaked one, and the same
+    value has the same colour in both tiles."""
+    from PIL import Image
+
+    from attn_utils.render.heatmaps import attention_figure
+
+    torch.manual_seed(0)
+    flat = 1 / 77 + 1e-4 * torch.rand(8, 8)
+    peaked = torch.full((8, 8), 1 / 77)
+    peaked[3:5, 3:5] = 0.2
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    fig = np.asarray(attention_figure(grey, {"placeholder": flat, "category": peaked}, {}))
+    side = 256
+    flat_tile = fig[16:240, side + 16 : 2 * side - 16].astype(float)
+    peak_tile = fig[:256, 2 * side :].astype(float)
+    assert flat_tile.std(axis=(0, 1)).max() < 3  # not stretched to its own min and max
+    assert peak_tile.std(axis=(0, 1)).max() > 10
+    # 1/77 in both tiles: the same colour
+    assert np.abs(flat_tile.mean((0, 1)) - peak_tile[0, 0]).max() < 12
+    assert fig.shape[0] > 256 + 18  # the colour bar under the caption
+
+
 def test_heatmap_controller_matches_a_slow_reference():
     torch.manual_seed(0)
     heads, latent, cols = 2, (4, 4), {"placeholder": [4], "category": [5, 6]}
@@ -442,3 +466,34 @@ def test_shipped_script_and_prompt_files():
         prompts = read_prompt_file(ROOT / "dataset" / "prompts" / name)
         assert all(p.count("{}") == 1 for p in prompts), name
     assert len(read_prompt_file(ROOT / "dataset" / "prompts" / "objects.txt")) >= 20
+
+
+def test_render_settings_come_from_the_base_model_folder_unless_flags_say(
+    run_dir, tiny_model, tmp_path
+):
+    """A base model folder with attndreambooth_defaults.json (the toy world's) renders with its
+    sampler settings; explicit flags win; a folder without one keeps the paper's (dpm, 50, 7.5)."""
+    from attn_utils.model_defaults import MODEL_DEFAULTS
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    render = {"scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 3.0}
+    (model / MODEL_DEFAULTS).write_text(json.dumps({"render": render}))
+    base = ["--run_dir", run_dir, "--prompt", "a photo of {}", "--resolution", "64"]
+    assert infer(*base, "--pretrained_model_name_or_path", model, "--save_dir", tmp_path / "a") == 0
+    got = json.loads((tmp_path / "a" / "index.json").read_text())["settings"]
+    assert {k: got[k] for k in render} == render
+    argv = [*base, "--pretrained_model_name_or_path", model, "--save_dir", tmp_path / "b"]
+    assert infer(*argv, "--infer_scheduler", "euler", "--guidance_scale", 5) == 0
+    got = json.loads((tmp_path / "b" / "index.json").read_text())["settings"]
+    assert (got["scheduler"], got["num_inference_steps"], got["guidance_scale"]) == ("euler", 2, 5)
+    plain = inference.build_parser().parse_args(["--run_dir", str(run_dir), "--prompt", "x"])
+    inference.fill_render_defaults(plain)  # the tiny model: no file, the paper's sampler
+    assert (plain.infer_scheduler, plain.num_inference_steps, plain.guidance_scale) == (
+        "dpm", 50, 7.5
+    )  # fmt: skip
+    toy = inference.build_parser().parse_args(
+        ["--pretrained_model_name_or_path", str(ROOT / "models/toyworld/base"), "--prompt", "x"]
+    )
+    inference.fill_render_defaults(toy)  # the shipped toy model: what its report measured with
+    assert (toy.infer_scheduler, toy.num_inference_steps, toy.guidance_scale) == ("ddim", 30, 4.0)

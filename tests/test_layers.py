@@ -127,6 +127,7 @@ BASE_MODULES = {
     "config",
     "run_flags",
     "models",
+    "model_defaults",
     "runfiles",
     "images",
     "argparsing",

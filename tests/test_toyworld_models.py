@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 
 from attn_utils.config import ConfigError
 from attn_utils.evaluate.oracle import Oracle, OracleNet, presence
+from attn_utils.model_defaults import MODEL_DEFAULTS, model_defaults
 from attn_utils.models import SHIPPED_MANIFEST, load_base_model, verify_shipped
 from attn_utils.toyworld import pretrain
 from attn_utils.toyworld.world import held_out_triples, is_held_out, scenes
@@ -33,6 +35,32 @@ def test_the_shipped_models_match_their_manifest_and_stay_small():
     assert sum(f.stat().st_size for f in files) < 25 * 2**20
     assert manifest["seed"] == 0 and "attn_utils.toyworld pretrain" in manifest["command"]
     assert len(manifest["commit"]) == 40
+
+
+def test_the_base_model_carries_the_render_settings_its_report_measured_with():
+    """base/attndreambooth_defaults.json is what the export writes (so a new pretraining makes
+    it), listed in the manifest, with the report's sampler and the metric models beside it."""
+    from attn_utils.toyworld.export import base_defaults
+    from attn_utils.toyworld.report import MEASURED_WITH
+
+    shipped = MODELS / "base" / MODEL_DEFAULTS
+    assert json.loads(shipped.read_text()) == json.loads(json.dumps(base_defaults()))
+    assert f"base/{MODEL_DEFAULTS}" in json.loads((MODELS / SHIPPED_MANIFEST).read_text())["files"]
+    got = model_defaults(str(MODELS / "base"))
+    assert got["render"] == MEASURED_WITH == {
+        "scheduler": "ddim", "num_inference_steps": 30, "guidance_scale": 4.0
+    }  # fmt: skip
+    assert {k: Path(v) for k, v in got["metric_models"].items()} == {
+        "clip_model": MODELS / "clip", "dino_model": MODELS / "dino",
+        "oracle_model": MODELS / "oracle",
+    }  # fmt: skip
+
+
+def test_a_malformed_model_defaults_file_is_one_error_naming_it(tmp_path):
+    (tmp_path / MODEL_DEFAULTS).write_text(json.dumps({"render": {"steps": 30}}))
+    with pytest.raises(ConfigError, match=MODEL_DEFAULTS):
+        model_defaults(str(tmp_path))
+    assert model_defaults("someone/hub-model") == {}
 
 
 def test_an_altered_shipped_file_is_refused_with_one_line_naming_it(tmp_path):
@@ -220,6 +248,7 @@ def test_the_pretraining_is_deterministic_and_its_export_verifies(tmp_path):
         hashes.append(manifest["files"])
     assert hashes[0] == hashes[1]
     assert {f.split("/")[0] for f in hashes[0]} == set(pretrain.PARTS)
+    assert f"base/{MODEL_DEFAULTS}" in hashes[0]  # the render settings travel with the model
     # the exported folders load with the standard classes
     from transformers import CLIPModel, CLIPVisionModel
 
@@ -227,3 +256,31 @@ def test_the_pretraining_is_deterministic_and_its_export_verifies(tmp_path):
     CLIPVisionModel.from_pretrained(str(tmp_path / "a" / "out" / "dino"))
     load_base_model(str(tmp_path / "a" / "out" / "base"))
     Oracle.load(tmp_path / "a" / "out" / "oracle")
+
+
+@pytest.mark.parametrize("model", ["toy", "hub"])
+def test_validation_grids_sample_with_the_base_model_folders_settings(model, tmp_path, monkeypatch):
+    """Validation during training uses the toy model folder's sampler and guidance (its steps
+    stay --validation_inference_steps); a model without the file keeps dpm and guidance 7.5."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from attn_utils.train import validation
+
+    seen = {}
+    monkeypatch.setattr(validation, "sampling_mode", lambda t: contextlib.nullcontext())
+    monkeypatch.setattr(validation, "make_pipeline", lambda *a: seen.update(scheduler=a[5]))
+    sample = lambda pipe, **kw: seen.update(kw) or [Image.new("RGB", (8, 8))]  # noqa: E731
+    monkeypatch.setattr(validation, "sample_images", sample)
+    name = str(MODELS / "base") if model == "toy" else "someone/sd"
+    cfg = SimpleNamespace(
+        num_validation_images=1, pretrained_model_name_or_path=name, seed=0,
+        validation_prompt="a {}", placeholder_tokens=["x"], validation_inference_steps=3,
+        resolution=64,
+    )  # fmt: skip
+    trainer = SimpleNamespace(cfg=cfg, validation_embeds={"prompt_embeds": torch.zeros(1, 2)},
+                              tokenizer=None, text_encoder=None, vae=None, unet=None,
+                              noise_scheduler=SimpleNamespace(config={}), device="cpu")  # fmt: skip
+    validation.render_validation(trainer, tmp_path / "grid.png")
+    want = ("ddim", 4.0) if model == "toy" else ("dpm", 7.5)
+    assert (seen["scheduler"], seen["guidance_scale"], seen["num_inference_steps"]) == (*want, 3)

@@ -105,6 +105,11 @@ def clip_transform(config: dict, image_size: int) -> ImageTransform:
     )
 
 
+def _looks_local(name: str) -> bool:
+    """A path (a folder, or a path-like name), not a Hub id."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).is_dir()
+
+
 def load_metric_model(
     flag: str, name: str, loader: Callable[[str, dict], object], local_files_only: bool = False
 ):
@@ -112,7 +117,7 @@ def load_metric_model(
 
     Every failure is one ConfigError naming the flag and the model; never random weights.
     """
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).is_dir()
+    looks_local = _looks_local(name)
     if looks_local and not Path(name).expanduser().is_dir():
         raise ConfigError(f"{flag}: {name} is not a folder")
     if looks_local:
@@ -144,7 +149,7 @@ def missing_models_message(failed: list[tuple[str, str, str]]) -> str:
     the Hub ones once (evaluate.py needs CLIP for CLIP-T / CLIP-I and DINO for DINO)."""
     if len(failed) == 1:
         return failed[0][2]
-    hub = [name for _, name, _ in failed if not Path(name).expanduser().is_dir()]
+    hub = [name for _, name, _ in failed if not _looks_local(name)]  # a folder is not fetched
     fetch = " && ".join(f"hf download {name}" for name in hub)
     names = " and ".join(f"{flag} {name}" for flag, name, _ in failed)
     return (

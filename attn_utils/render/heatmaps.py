@@ -116,32 +116,60 @@ def colorize(heat: np.ndarray) -> np.ndarray:
     return np.stack(rgb, axis=-1).astype(np.uint8)
 
 
-def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.5) -> Image.Image:
-    """The map (h, w), scaled to its own [min, max], coloured and blended over the image."""
-    m = heat.float().numpy()
-    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
-    up = Image.fromarray((m * 255).astype(np.uint8)).resize(image.size, Image.BICUBIC)
+def overlay(
+    image: Image.Image, heat: torch.Tensor, lo: float, hi: float, alpha: float = 0.5
+) -> Image.Image:
+    """The map (h, w), scaled from [lo, hi] to the colour map, blended over the image."""
+    m = (heat.float().numpy() - lo) / max(hi - lo, 1e-12)
+    up = Image.fromarray((np.clip(m, 0.0, 1.0) * 255).astype(np.uint8)).resize(
+        image.size, Image.BICUBIC
+    )
     colour = Image.fromarray(colorize(np.asarray(up, dtype=np.float64) / 255.0))
     return Image.blend(image.convert("RGB"), colour, alpha)
+
+
+def shared_range(maps: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """One [lo, hi] for every map of a figure, from 0: the groups' maps compare by colour, and
+    a near-uniform map (attention spread over 77 tokens is about 0.013 everywhere) stays one
+    flat colour rather than being stretched to look confident."""
+    hi = max((float(m.max()) for m in maps.values()), default=0.0)
+    return 0.0, max(hi, 1e-6)
+
+
+def colour_bar(width: int, height: int, lo: float, hi: float) -> Image.Image:
+    """A horizontal bar of the colour map from lo (left) to hi (right), with both values."""
+    ramp = np.linspace(0.0, 1.0, width)[None, :].repeat(height, 0)
+    bar = Image.new("RGB", (width, height * 2), "white")
+    bar.paste(Image.fromarray(colorize(ramp)), (0, 0))
+    draw, font = ImageDraw.Draw(bar), ImageFont.load_default()
+    draw.text((2, height + 2), f"{lo:.3f}", fill="black", font=font)
+    right = f"{hi:.3f} (attention probability; 1/77 = {1 / 77:.3f})"
+    draw.text((max(2, width - 6 * len(right) - 2), height + 2), right, fill="black", font=font)
+    return bar
 
 
 def attention_figure(
     image: Image.Image, maps: dict[str, torch.Tensor], labels: dict[str, str]
 ) -> Image.Image:
-    """One row: the image, then each group's overlay, each captioned (with its mean)."""
+    """One row: the image, then each group's overlay on one shared scale, each captioned with
+    its mean and range; below, the colour bar of that scale."""
     side = max(256, image.width)
     h = round(image.height * side / image.width)
     base = image.convert("RGB").resize((side, h), Image.BICUBIC)
+    lo, hi = shared_range(maps)
     tiles = [("image", base)]
     for name, m in maps.items():
-        tiles.append((f"{labels.get(name, name)}  mean {float(m.mean()):.3f}", overlay(base, m)))
+        text = f"{labels.get(name, name)}  mean {float(m.mean()):.3f}, {float(m.min()):.3f}"
+        tiles.append((f"{text}-{float(m.max()):.3f}", overlay(base, m, lo, hi)))
     font = ImageFont.load_default()
-    cap = 18
-    fig = Image.new("RGB", (side * len(tiles), h + cap), "white")
+    cap, bar_h = 18, 12
+    fig = Image.new("RGB", (side * len(tiles), h + cap + 2 * bar_h), "white")
     draw = ImageDraw.Draw(fig)
     for i, (text, tile) in enumerate(tiles):
         fig.paste(tile, (i * side, 0))
         draw.text((i * side + 4, h + 3), text, fill="black", font=font)
+    if len(tiles) > 1:  # under the maps only: the photo has no scale
+        fig.paste(colour_bar(side * (len(tiles) - 1), bar_h, lo, hi), (side, h + cap))
     return fig
 
 

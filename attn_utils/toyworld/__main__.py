@@ -15,7 +15,7 @@ from attn_utils.toyworld.world import caption, scenes
 
 
 def build_parser() -> Parser:
-    """The parser: subcommands `concepts` and `samples`."""
+    """The parser: one subcommand per job (concepts, samples, pretrain, study, train, ...)."""
     p = Parser(prog="python -m attn_utils.toyworld", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("concepts", help="write each concept's folder of photos")
@@ -37,7 +37,7 @@ def build_parser() -> Parser:
                    "depend on it)")  # fmt: skip
     t.add_argument("--quick", action="store_true", help="a smoke run of every phase")
     t.add_argument("--scenes", type=int, default=0, help="override the number of scenes")
-    from attn_utils.toyworld.study import DEFAULT_METHODS, MODELS, PROMPTS
+    from attn_utils.toyworld.study import DEFAULT_METHODS, METHODS, MODELS, PROMPTS
 
     st = sub.add_parser("study", help="evaluate.py study on the toy world: the paper in miniature")
     st.add_argument("--out", required=True, help="the study's folder")
@@ -54,6 +54,15 @@ def build_parser() -> Parser:
                     "each with cores/processes torch threads; they split the (concept, method) "
                     "units (use 1 on a machine with one GPU)")  # fmt: skip
     st.add_argument("--dry_run", action="store_true", help="print the evaluate.py command")
+    tr = sub.add_parser("train", help="one method of the study alone, with the study's budget")
+    tr.add_argument("--method", required=True, choices=METHODS, help="a method or an ablation")
+    tr.add_argument("--name", required=True, choices=sorted(CONCEPTS), help="the concept")
+    tr.add_argument("--out", required=True, help="the folder: photos/, concepts/<name>/run*/")
+    tr.add_argument("--images", type=int, default=1000, help="instance images it trains on "
+                    "(its steps are scaled to it, as in the study)")  # fmt: skip
+    tr.add_argument("--seed", type=int, default=0, help="the training's seed")
+    tr.add_argument("--models", type=Path, default=MODELS, help="the toy models' folder")
+    tr.add_argument("--dry_run", action="store_true", help="print the training command only")
     b = sub.add_parser("baseline", help="render an inference.py folder's prompts with the base")
     b.add_argument("--base", type=Path, default=MODELS / "base", help="the base model folder")
     b.add_argument("--images", type=Path, required=True, help="an inference.py --save_dir")
@@ -106,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(study(args))
         except ValueError as e:
             parser.error(str(e))
+    if args.command == "train":
+        from attn_utils.toyworld.method_run import main as train
+
+        sys.exit(train(args))
     if args.command in ("baseline", "overview"):
         from attn_utils.config import ConfigError
         from attn_utils.toyworld import overview

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from attn_utils.model_defaults import MODEL_DEFAULTS
 from attn_utils.models import SHIPPED_KIND, SHIPPED_MANIFEST, file_sha256, verify_shipped
 from attn_utils.runfiles import write_dir_atomically
 from attn_utils.tiny import SD_SCHEDULER
+from attn_utils.toyworld.report import MEASURED_WITH
 
 # Each writer takes the Pretrainer (attn_utils/toyworld/pretrain.py, which imports this module)
 # and the folder to fill.
@@ -53,6 +55,22 @@ def _write_base(p, dest: Path) -> None:
         data = json.loads(config.read_text())
         if data.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (dest / MODEL_DEFAULTS).write_text(json.dumps(base_defaults(), indent=2) + "\n")
+
+
+def base_defaults() -> dict:
+    """base/attndreambooth_defaults.json: the render settings the report measured the model
+    with, and the metric models shipped beside it (attn_utils.models.model_defaults)."""
+    return {
+        "what": "inference.py and evaluate.py use these when their flags are not given "
+        "(docs/toyworld.md)",
+        "render": MEASURED_WITH,
+        "metric_models": {
+            "clip_model": "../clip",
+            "dino_model": "../dino",
+            "oracle_model": "../oracle",
+        },
+    }
 
 
 def _write_clip(p, dest: Path) -> None:

@@ -18,6 +18,10 @@ from attn_utils.toyworld.concepts import CONCEPTS, concept_scenes
 from attn_utils.toyworld.draw import render
 from attn_utils.toyworld.world import PLACES, SIZES, STYLES, held_out_triples, scenes
 
+# The sampler settings the base model's prompt following is measured with; the export writes
+# them into base/attndreambooth_defaults.json, so inference.py renders as it was measured.
+MEASURED_WITH = {"scheduler": "ddim", "num_inference_steps": 30, "guidance_scale": 4.0}
+
 REPORT = "report.json"
 
 
@@ -81,11 +85,12 @@ def prompt_following(
     base: Path, oracle_dir: Path, seed: int, per_caption: int, short: bool = False
 ) -> dict:
     """Oracle accuracy per attribute on images of held-out (category, colour, place) captions,
-    in every style: DDIM 30 steps, guidance 4. short: without size and colour ("a photo of a
-    toy at night"), as prompt files write them."""
+    in every style, sampled with MEASURED_WITH (DDIM 30 steps, guidance 4). short: without
+    size and colour ("a photo of a toy at night"), as prompt files write them."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None)
+    assert MEASURED_WITH["scheduler"] == "ddim"
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     oracle = Oracle.load(oracle_dir)
@@ -102,7 +107,8 @@ def prompt_following(
         batch = prompts[i : i + 16]
         g = torch.Generator().manual_seed(seed + i)
         images = pipe(
-            batch, num_inference_steps=30, guidance_scale=4.0, height=64, width=64,
+            batch, num_inference_steps=MEASURED_WITH["num_inference_steps"],
+            guidance_scale=MEASURED_WITH["guidance_scale"], height=64, width=64,
             num_images_per_prompt=per_caption, generator=g,
         ).images  # fmt: skip
         _tally(oracle, images, [p for p in batch for _ in range(per_caption)], hits)

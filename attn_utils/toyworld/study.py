@@ -88,7 +88,10 @@ def study_argv(args) -> list[str]:
             raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     concepts = Path(args.out) / "concepts.json"
     train = train_flags(args.seed)
-    infer = ["--num_inference_steps", "25", "--resolution", "64", "--infer_batch_size", "10"]
+    # the sampler the study was measured with (docs/toyworld.md), not the base model folder's
+    # own (DDIM 30, guidance 4), which inference.py would take without these flags
+    infer = ["--infer_scheduler", "dpm", "--num_inference_steps", "25", "--guidance_scale", "7.5"]
+    infer += ["--resolution", "64", "--infer_batch_size", "10"]
     argv = [
         str(ROOT / "evaluate.py"), "study",
         "--concepts", str(concepts),

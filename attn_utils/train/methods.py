@@ -27,6 +27,7 @@ from attn_utils.config import (
     validate,
 )
 from attn_utils.method.templates import TI_OBJECT_TEMPLATES
+from attn_utils.run_flags import refuse_absent_stage_flags
 from attn_utils.train.core import (
     DEFAULT_PROMPTS,
     add_core_flags,
@@ -377,14 +378,11 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     family = resolve_family(ns)  # SDXL has defaults of its own (train/family_defaults.py)
     presets = family_presets(ns, stage_presets(ns.method, ns.fast and family != "sdxl"), family)
     lora, stages = lora_fields(ns, presets, ns.method), []
+    refuse_absent_stage_flags(ns, ns.method, set(presets))
     for idx, prefix in STAGE_NAMES.items():
         given = {k: getattr(ns, f"{prefix}_{k}") for k in STAGE_KEYS}
         given = {k: v for k, v in given.items() if v is not None}
         if idx not in presets:
-            if given:
-                raise ConfigError(
-                    f"--{prefix}_{next(iter(given))}: --method {ns.method} has no stage {idx}"
-                )
             continue
         vals = {**presets[idx], "checkpointing_steps": ns.checkpointing_steps or 0, **given}
         vals.update(_stage_overrides(ns, idx, presets[idx]))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 
 from attn_utils.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def concept_token_ids(cfg: RunConfig, tokenizer, text_encoder) -> list[int]:
@@ -59,3 +62,37 @@ def prompt_ids(trainer, k: int, micro: int, stats) -> torch.Tensor:
     pick = [_pick(trainer.cfg.seed, k, g, ids.shape[0]) for g in range(first, first + b)]
     stats.columns = trainer.columns[pick]  # (B, K)
     return ids[pick]  # (B, 77)
+
+
+def run_prompt_texts(cfg: RunConfig) -> list[str]:
+    """Every prompt the run encodes: the instance prompt, the templates of a stage that uses
+    them, a CoRe stage's context prompts, the validation prompt and the class prompt."""
+    from attn_utils.train.core import is_core_stage, read_core_prompts
+
+    texts = [cfg.instance_prompt]
+    if any(s.templates for s in cfg.stages):
+        texts += cfg.prompt_templates or []
+    if cfg.core_prompts and any(is_core_stage(s) for s in cfg.stages):
+        texts += read_core_prompts(cfg.core_prompts)
+    if cfg.validation_prompt:
+        texts.append(cfg.validation_prompt)
+    if cfg.with_prior_preservation and cfg.class_prompt:
+        texts.append(cfg.class_prompt)
+    return texts
+
+
+def warn_unknown_words(cfg: RunConfig, tokenizer) -> list[str]:
+    """Log once the words of the run's prompts that a small closed tokenizer (the toy
+    world's) does not know and would spell in letters; return them."""
+    from attn_utils.method.vocabulary import unknown_words
+
+    words = unknown_words(tokenizer, run_prompt_texts(cfg))
+    if words:
+        log.warning(
+            "the tokenizer's %d-entry vocabulary does not know %d word(s) of this run's "
+            "prompts, which it splits into letters: %s",
+            len(tokenizer),
+            len(words),
+            ", ".join(words),
+        )
+    return words

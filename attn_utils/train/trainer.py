@@ -39,7 +39,12 @@ from attn_utils.train.placement import (
 )
 from attn_utils.train.prior import encode_class_prompt, prior_losses, setup_prior
 from attn_utils.train.profiling import StageProfiler
-from attn_utils.train.prompts import concept_token_ids, prompt_ids, training_prompts
+from attn_utils.train.prompts import (
+    concept_token_ids,
+    prompt_ids,
+    training_prompts,
+    warn_unknown_words,
+)
 from attn_utils.train.records import LossLog, StageClock
 from attn_utils.train.runtime import (
     StopRequest,
@@ -91,6 +96,8 @@ class Trainer(StageActions):
         self.tokenizer, self.text_encoder, self.vae = m.tokenizer, m.text_encoder, m.vae
         self.unet, self.noise_scheduler, self.family = m.unet, m.noise_scheduler, m.family
         self.token_ids = concept_token_ids(cfg, self.tokenizer, self.text_encoder)
+        if accelerator.is_main_process:  # once per run: a toy tokenizer spells them in letters
+            warn_unknown_words(cfg, self.tokenizer)
         # (P, 77), (P, K): the instance prompt, or (--method ti) one row per template
         # per stage: (P, 77) ids and (P, K) columns; the one instance prompt, or the templates
         self.prompts = {

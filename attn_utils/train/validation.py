@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from attn_utils.method.tokens import fill_prompt
+from attn_utils.model_defaults import render_defaults
 from attn_utils.render.pipeline import make_pipeline, sample_images
 from attn_utils.runfiles import image_grid
 from attn_utils.sdxl import is_sdxl
@@ -65,6 +66,8 @@ def render_validation(trainer, out: Path) -> Path:
     text encoder is not used, so it may rest on the CPU.
     """
     cfg, embeds, n = trainer.cfg, trainer.validation_embeds, trainer.cfg.num_validation_images
+    # the sampler and guidance the base model folder names (the toy world's), else the paper's
+    render = render_defaults(cfg.pretrained_model_name_or_path)
     with sampling_mode(trainer):
         pipe = make_pipeline(
             trainer.tokenizer,
@@ -72,6 +75,7 @@ def render_validation(trainer, out: Path) -> Path:
             trainer.vae,
             trainer.unet,
             trainer.noise_scheduler.config,
+            render["scheduler"],
         )
         gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
         if embeds is None:
@@ -83,6 +87,7 @@ def render_validation(trainer, out: Path) -> Path:
             **text,
             generator=gen,
             num_inference_steps=cfg.validation_inference_steps,
+            guidance_scale=render["guidance_scale"],
             height=cfg.resolution,
             width=cfg.resolution,
         )
