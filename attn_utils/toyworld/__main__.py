@@ -74,6 +74,14 @@ def build_parser() -> Parser:
     o.add_argument("--base_images", type=Path, required=True, help="a `baseline` --out")
     o.add_argument("--category", required=True, help="the concept's category word")
     o.add_argument("--out", type=Path, required=True, help="the picture to write")
+    j = sub.add_parser("judge", help="train the concept judge, measure it, write it")
+    j.add_argument("--out", default="models/toyworld/judge", help="the judge's folder (its "
+                   "files join a manifest.json beside it)")  # fmt: skip
+    j.add_argument("--base", type=Path, default=MODELS / "base", help="the base model (its VAE)")
+    j.add_argument("--seed", type=int, default=0, help="initialisation and every step")
+    j.add_argument("--steps", type=int, default=1500, help="training steps (batch 64)")
+    j.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed: results "
+                   "depend on it)")  # fmt: skip
     v = sub.add_parser("verify", help="check shipped models against their manifest.json")
     v.add_argument("--out", default="models/toyworld", help="the folder holding manifest.json")
     return p
@@ -96,7 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     """Parse argv and write what the subcommand says."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("n", "size", "checkpoint_every", "threads", "images", "images_per_prompt"):
+    for flag in (
+        "n",
+        "size",
+        "checkpoint_every",
+        "threads",
+        "images",
+        "images_per_prompt",
+        "steps",
+    ):
         if isinstance(getattr(args, flag, 1), int) and getattr(args, flag, 1) < 1:
             parser.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
     out = Path(args.out)
@@ -133,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as e:
             parser.error(str(e))
         print(f"wrote {args.out}")
+        return
+    if args.command == "judge":
+        from attn_utils.toyworld.judge import main as judge
+
+        if not (args.base / "vae" / "config.json").is_file():
+            parser.error(f"--base: {args.base / 'vae' / 'config.json'} does not exist")
+        judge(out, args.base, args.seed, args.steps, args.threads)
         return
     if args.command == "verify":
         from attn_utils.toyworld.export import verify
