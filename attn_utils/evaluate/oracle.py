@@ -28,6 +28,23 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
+def conv_body(widths: tuple[int, ...], strides: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """A plain image tower of (conv, group norm, SiLU) x 2 blocks, one per width, and the
+    channels it ends with; the oracle's and the toy judge's."""
+    layers, c_in = [], 3
+    for c_out, stride in zip(widths, strides):
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+            nn.GroupNorm(8, c_out),
+            nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.GroupNorm(8, c_out),
+            nn.SiLU(),
+        ]
+        c_in = c_out
+    return nn.Sequential(*layers), c_in
+
+
 class OracleNet(nn.Module):
     """Four conv blocks (strides 2, 2, 1, 1: a map of a quarter of the input's side). Scene
     heads: a linear layer on the map's mean. Dense heads: a 1x1 conv giving, per location,
@@ -35,18 +52,7 @@ class OracleNet(nn.Module):
 
     def __init__(self, heads: dict[str, list[str]], width: int = 32, dense: tuple = ()):
         super().__init__()
-        layers, c_in = [], 3
-        for c_out, stride in zip((width, 2 * width, 3 * width, 3 * width), (2, 2, 1, 1)):
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
-                nn.GroupNorm(8, c_out),
-                nn.SiLU(),
-                nn.Conv2d(c_out, c_out, 3, padding=1),
-                nn.GroupNorm(8, c_out),
-                nn.SiLU(),
-            ]
-            c_in = c_out
-        self.body = nn.Sequential(*layers)
+        self.body, c_in = conv_body((width, 2 * width, 3 * width, 3 * width), (2, 2, 1, 1))
         self.dense = tuple(dense)
         self.heads = nn.ModuleDict(
             {

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from attn_utils.evaluate.oracle import conv_body
 from attn_utils.toyworld.draw import render
 from attn_utils.toyworld.judge_data import KINDS, NAMES, concept_set, degrade, labels, lookalike_set
 from attn_utils.toyworld.loop import step_rng, torch_gen
@@ -36,18 +37,7 @@ class JudgeNet(nn.Module):
 
     def __init__(self, n: int, width: int = 32):
         super().__init__()
-        layers, c_in = [], 3
-        for c_out in (width, 2 * width, 3 * width):
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
-                nn.GroupNorm(8, c_out),
-                nn.SiLU(),
-                nn.Conv2d(c_out, c_out, 3, padding=1),
-                nn.GroupNorm(8, c_out),
-                nn.SiLU(),
-            ]
-            c_in = c_out
-        self.body = nn.Sequential(*layers)
+        self.body, c_in = conv_body((width, 2 * width, 3 * width), (2, 2, 2))
         self.head = nn.Conv2d(c_in, n, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
