@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attn_utils.method.capture import capture_cross_attention
+from attn_utils.model_defaults import SD_RENDER
 from attn_utils.render.heatmaps import HeatmapController, save_attention, token_columns
 from attn_utils.render.pipeline import sample_images
 from attn_utils.runfiles import (
@@ -54,8 +55,8 @@ class RenderOptions:
     num_images_per_prompt: int = 16
     infer_batch_size: int = 8
     seed: int = 0  # image i of every prompt starts from the noise of seed + i
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int = SD_RENDER["num_inference_steps"]  # the paper's
+    guidance_scale: float = SD_RENDER["guidance_scale"]
     negative_prompt: str | None = None
     height: int = 512
     width: int = 512

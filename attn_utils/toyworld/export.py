@@ -60,7 +60,7 @@ def _write_base(p, dest: Path) -> None:
 
 def base_defaults() -> dict:
     """base/attndreambooth_defaults.json: the render settings the report measured the model
-    with, and the metric models shipped beside it (attn_utils.models.model_defaults)."""
+    with, and the metric models shipped beside it (attn_utils.model_defaults)."""
     return {
         "what": "inference.py and evaluate.py use these when their flags are not given "
         "(docs/toyworld.md)",
